@@ -1,0 +1,114 @@
+"""Checks on a local diffusers model folder, run before any weight is loaded.
+
+A training job that dies ten minutes in, after DeepSpeed has started, because ``text_encoder_2`` has no weights is
+an expensive way to learn that a download was partial. Every check here fails with one line that names the path,
+what is missing and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+ComponentKind = Literal["model", "tokenizer", "scheduler"]
+
+# Files that hold weights in a diffusers / transformers component folder (sharded checkpoints have an index file).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+# Any one of these makes a tokenizer loadable (fast tokenizer file, CLIP BPE vocab, T5 sentencepiece model).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+
+# Which adapter serves which diffusers pipeline class, to turn a wrong-type error into a concrete fix.
+ADAPTER_FOR_PIPELINE = {"FluxPipeline": "FluxAdapter", "StableDiffusion3Pipeline": "SD3Adapter"}
+
+
+class ModelFolderError(ValueError):
+    """A local model folder is missing, incomplete or holds a different model type. The message is one line."""
+
+
+def _one_line(message: str) -> str:
+    # Paths with newlines are legal but would break the one-line contract that log scrapers rely on.
+    return " ".join(message.split("\n"))
+
+
+def check_model_folder(
+    path: str | Path,
+    *,
+    pipeline_class: str,
+    components: Mapping[str, ComponentKind],
+) -> Path:
+    """Checks that ``path`` is a complete local diffusers folder of the expected pipeline type.
+
+    Args:
+        path: The folder written by ``DiffusionPipeline.save_pretrained`` (or a hub snapshot downloaded to disk).
+        pipeline_class: The expected ``_class_name`` in ``model_index.json``, e.g. ``"FluxPipeline"``.
+        components: Subfolder name → what it holds; models need ``config.json`` and weights, tokenizers a vocabulary
+            file, schedulers ``scheduler_config.json``.
+
+    Returns:
+        The folder as a resolved ``Path``.
+
+    Raises:
+        ModelFolderError: With a one-line message naming the path, what is missing or wrong, and the fix.
+    """
+    folder = Path(path).expanduser()
+    fix = (
+        f"fix: point the model path at a complete local {pipeline_class} folder written by save_pretrained() "
+        "(or a full hub snapshot copied to disk; nothing is downloaded at run time)"
+    )
+    if not folder.exists():
+        raise ModelFolderError(_one_line(f"model folder {folder} does not exist; {fix}"))
+    if not folder.is_dir():
+        raise ModelFolderError(_one_line(f"model path {folder} is a file, not a folder; {fix}"))
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelFolderError(_one_line(f"model folder {folder} is missing model_index.json; {fix}"))
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelFolderError(
+            _one_line(f"model folder {folder} has an unreadable model_index.json ({error.msg}); {fix}")
+        ) from error
+
+    found = index.get("_class_name")
+    if found != pipeline_class:
+        expected_adapter = ADAPTER_FOR_PIPELINE.get(pipeline_class, "this adapter")
+        other = ADAPTER_FOR_PIPELINE.get(found)
+        hint = f"load it with {other} instead" if other else f"point the model path at a {pipeline_class} folder"
+        raise ModelFolderError(
+            _one_line(
+                f"model folder {folder} holds a {found} (model_index.json _class_name) but {expected_adapter} "
+                f"expects a {pipeline_class}; fix: {hint}"
+            )
+        )
+
+    for name, kind in components.items():
+        entry = index.get(name)
+        if not entry or not isinstance(entry, list) or entry[0] is None:
+            raise ModelFolderError(_one_line(f"model folder {folder} has no '{name}' entry in model_index.json; {fix}"))
+        missing = _missing_in_component(folder / name, kind)
+        if missing is not None:
+            what = f"the {name}/ subfolder" if not missing else f"{name}/{missing}"
+            raise ModelFolderError(_one_line(f"model folder {folder} is missing {what}; {fix}"))
+    logger.debug("model folder %s holds a complete %s", folder, pipeline_class)
+    return folder.resolve()
+
+
+def _missing_in_component(subfolder: Path, kind: ComponentKind) -> str | None:
+    """Returns what the component subfolder lacks (relative to it; "" for the subfolder itself), or None."""
+    if not subfolder.is_dir():
+        return ""
+    files = [p.name for p in subfolder.iterdir() if p.is_file()]
+    if kind == "scheduler":
+        return None if "scheduler_config.json" in files else "scheduler_config.json"
+    if kind == "tokenizer":
+        return None if any(f in files for f in _TOKENIZER_FILES) else f"a vocabulary file (one of {_TOKENIZER_FILES})"
+    if "config.json" not in files:
+        return "config.json"
+    if not any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
+        return "weights (*.safetensors or *.bin)"
+    return None
