@@ -1,0 +1,189 @@
+"""Crash-safe checkpoints, resume and export.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_000010/            a complete checkpoint (DeepSpeed model + optimizer shards, per-rank trainer state)
+        <DeepSpeed files>
+        trainer_rank0.pt    step, prompt position, objective draws, EMA shard, RNG states (weights_only-loadable)
+        COMPLETE            written last, by rank 0, after every rank finished
+    .tmp-step_000020/       being written: never picked up by resume
+    latest                  the name of the newest complete checkpoint (atomically replaced)
+
+Write, then rename: every rank writes into ``.tmp-step_N``; after a barrier rank 0 writes ``COMPLETE``, renames the
+folder to ``step_N`` and atomically replaces ``latest``. A crash at any moment leaves either the previous complete
+checkpoint or the new one, never a half-written one that looks complete. The last ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from engine.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (or ``root`` itself if it is one), else None."""
+    root = Path(root)
+    if (root / "COMPLETE").exists():
+        return root
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "COMPLETE").exists())
+    return complete[-1] if complete else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save(trainer: Trainer) -> Path:
+    """Write a checkpoint of the trainer at its current step (all ranks call this)."""
+    root = trainer.out / "checkpoints"
+    tag = f"{PREFIX}{trainer.step:06d}"
+    final = root / tag
+    tmp = root / f"{TMP_PREFIX}{tag}"
+    if trainer.rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a leftover of a crash while writing this same step
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if final.exists() and (final / "COMPLETE").exists():
+        return final  # already saved at this step (e.g. the periodic and the final save coincide)
+    trainer.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    state = {
+        "step": trainer.step,
+        "world_size": trainer.world_size,
+        "skipped_steps": trainer.skipped_steps,
+        "bad_in_a_row": trainer.bad_in_a_row,
+        "objective": trainer.objective.state_dict(),
+        "noise_generator": trainer.noise_generator.get_state(),
+        "rng": _rng_state(),
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+    }
+    torch.save(state, tmp / f"trainer_rank{trainer.rank}.pt")
+    dist.barrier()
+    if trainer.rank == 0:
+        _atomic_write(tmp / "COMPLETE", json.dumps({"step": trainer.step, "world_size": trainer.world_size}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write(root / "latest", tag)
+        _prune(root, trainer.cfg.checkpoint.keep_last)
+        logger.info("checkpoint %s written", final)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "COMPLETE").exists())
+    for old in complete[: max(0, len(complete) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(trainer: Trainer, path: Path) -> dict:
+    """Restore model, optimizer, EMA, objective draws, prompt position and RNG from a complete checkpoint."""
+    meta = json.loads((path / "COMPLETE").read_text())
+    if meta["world_size"] != trainer.world_size:
+        raise ValueError(
+            f"checkpoint {path} was written by {meta['world_size']} rank(s) but this run has {trainer.world_size}; "
+            "resume with the same number of ranks, or convert it with DeepSpeed's ds_to_universal.py first"
+        )
+    load_path, _ = trainer.engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
+    state = torch.load(path / f"trainer_rank{trainer.rank}.pt", weights_only=True)
+    trainer.step = state["step"]
+    trainer.skipped_steps = state["skipped_steps"]
+    trainer.bad_in_a_row = state["bad_in_a_row"]
+    trainer.objective.load_state_dict(state["objective"])
+    trainer.noise_generator.set_state(state["noise_generator"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    if trainer.ema is not None and state["ema"] is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    return state
+
+
+def _consolidated_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The full 16-bit state dict on rank 0 (all ranks must call; others get an empty dict)."""
+    engine = trainer.engine
+    # ZeRO-3: gathers the partitions, rank 0 gets the tensors. Stages 0-2 hold full parameters on every rank.
+    state = engine._zero3_consolidated_16bit_state_dict() if trainer.zero_stage == 3 else engine.module.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()} if trainer.rank == 0 else {}
+
+
+def export(trainer: Trainer) -> Path:
+    """Write diffusers-loadable weights of the trained (and EMA) transformer to ``<output_dir>/export``.
+
+    Weights keep the training precision (bf16 runs export bf16, as DeepSpeed's 16-bit consolidation gives them).
+
+    Full fine-tuning: ``export/transformer`` (config.json + safetensors) loads with ``<Model>.from_pretrained``.
+    LoRA: ``export/lora`` loads with the pipeline's ``load_lora_weights``. Never ``save_pretrained`` on a ZeRO-3
+    module: its parameters are empty partitions there.
+    """
+    out = trainer.out / "export"
+    variants = [("", contextlib.nullcontext())]
+    if trainer.ema is not None:
+        variants.append(("_ema", trainer.ema.swapped_in()))
+    for suffix, context in variants:
+        with context:
+            state = _consolidated_state_dict(trainer)
+        if trainer.rank == 0:
+            _write_export(trainer, state, out, suffix)
+    dist.barrier()
+    return out
+
+
+def _write_export(trainer: Trainer, state: dict[str, torch.Tensor], out: Path, suffix: str) -> None:
+    from safetensors.torch import save_file
+
+    module = trainer.engine.module
+    if trainer.cfg.optim.lora_rank > 0:
+        from peft.utils import get_peft_model_state_dict
+
+        lora_state = get_peft_model_state_dict(module, state_dict=state)
+        target = out / f"lora{suffix}"
+        pipeline_cls = _pipeline_class(trainer)
+        pipeline_cls.save_lora_weights(str(target), transformer_lora_layers=lora_state, safe_serialization=True)
+    else:
+        target = out / f"transformer{suffix}"
+        target.mkdir(parents=True, exist_ok=True)
+        module.save_config(str(target))  # config.json only: ConfigMixin, no weights involved
+        save_file(state, str(target / "diffusion_pytorch_model.safetensors"))
+    logger.info("exported %s", target)
+
+
+def _pipeline_class(trainer: Trainer):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return FluxPipeline if trainer.cfg.model.kind == "flux" else StableDiffusion3Pipeline

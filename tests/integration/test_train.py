@@ -1,0 +1,163 @@
+"""The trainer end to end on the tiny FLUX model: one process through main(), resume, LoRA/full export, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "launch"))
+
+import train as train_cli  # noqa: E402  (launch/train.py)
+
+pytestmark = pytest.mark.integration
+
+TIMING_KEYS = ("time_", "peak_")
+
+
+def write_ds_config(path: Path, *, micro_batch: int = 2, stage: int = 3, precision: str = "fp32", lr: float = 1e-3):
+    config = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 1e-4, "torch_adam": True}},
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": False,
+            "stage3_param_persistence_threshold": 0,  # tiny model: partition every parameter, really shard
+            "memory_efficient_linear": False,
+        },
+        "steps_per_print": 1000000,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    path.write_text(json.dumps(config))
+    return path
+
+
+def base_overrides(model_dir, out, steps=3, **extra):
+    overrides = {
+        "model.path": str(model_dir),
+        "output_dir": str(out),
+        "optim.max_steps": steps,
+        "rollout.num_steps": 6,
+        "rollout.dtype": "fp32",
+        "logging.progress": "false",
+        "logging.tensorboard": "false",
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
+
+
+def run_main(ds_json, overrides) -> int:
+    """``main([...])`` in this process: for runs that stop before DeepSpeed sets up its global process groups."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    return train_cli.main(["--deepspeed", str(ds_json), *overrides])
+
+
+def run_cli(ds_json, overrides) -> int:
+    """``python launch/train.py`` in a fresh process: DeepSpeed's process-group state is global, one run a process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--deepspeed", str(ds_json), *overrides]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-6000:])
+    return result.returncode
+
+
+def test_main_trains_writes_metrics_images_checkpoint_and_export(tiny_flux_dir, tmp_path):
+    ds_json = write_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "run"
+    assert run_main(ds_json, base_overrides(tiny_flux_dir, out, steps=3, **{"checkpoint.every": 2})) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward_mean", "loss", "d_j", "d_0", "w", "grad_norm", "k", "j", "time_rollout", "time_gradient"):
+        assert all(key in r for r in rows), key
+    assert all(r["applied"] for r in rows) and rows[-1]["skipped_steps"] == 0
+    assert (out / "images" / "start.png").exists() and (out / "images" / "end.png").exists()
+    assert (out / "config.yaml").exists()
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000002", "step_000003"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_000003"
+
+    from diffusers import FluxTransformer2DModel
+
+    exported = FluxTransformer2DModel.from_pretrained(out / "export" / "transformer")
+    original = FluxTransformer2DModel.from_pretrained(Path(tiny_flux_dir) / "transformer")
+    changed = [
+        name for name, p in exported.named_parameters() if not torch.equal(p, dict(original.named_parameters())[name])
+    ]
+    assert changed, "training must change the exported weights"
+    ema = load_file(out / "export" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    assert ema.keys() == load_file(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors").keys()
+
+
+def test_resume_equals_uninterrupted_run(tiny_flux_dir, tmp_path):
+    ds_json = write_ds_config(tmp_path / "ds.json")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(ds_json, base_overrides(tiny_flux_dir, straight, steps=4)) == 0
+    assert run_cli(ds_json, base_overrides(tiny_flux_dir, resumed, steps=2, **{"checkpoint.export": "false"})) == 0
+    assert run_cli(ds_json, base_overrides(tiny_flux_dir, resumed, steps=4)) == 0
+    a = load_file(straight / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # CPU, deterministic: bit for bit
+    assert strip_timing(read_metrics(straight)) == strip_timing(read_metrics(resumed))
+
+
+def test_lora_trains_and_exports_weights_the_pipeline_loads(tiny_flux_dir, tmp_path):
+    from diffusers import FluxPipeline
+
+    ds_json = write_ds_config(tmp_path / "ds.json", lr=1e-2)
+    out = tmp_path / "lora"
+    overrides = base_overrides(tiny_flux_dir, out, steps=2, **{"optim.lora_rank": 4, "optim.ema_decay": "null"})
+    assert run_cli(ds_json, overrides) == 0
+    lora_dir = out / "export" / "lora"
+    state = load_file(next(lora_dir.glob("*.safetensors")))
+    assert state and all("lora" in k for k in state)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at zero: it trained
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True)
+    base_out = pipe.transformer.transformer_blocks[0].attn.to_q.weight.clone()
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.fuse_lora()
+    assert not torch.equal(pipe.transformer.transformer_blocks[0].attn.to_q.weight, base_out)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["method.alpha=1.5"], "method.alpha"),
+        (["method.tau=0"], "method.tau"),
+        (["method.objective=grpo"], "method.objective"),
+        (["rewards.0.name=nope"], "rewards.0.name"),
+        (["model.path=/nonexistent/flux"], "model.path"),
+        (["method.min_level=20", "method.max_level=10"], "method.min_level"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, match):
+    ds_json = write_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "run"
+    code = run_main(ds_json, [f"output_dir={out}", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and match in err[0], err
+    assert not out.exists()  # nothing half-written
