@@ -455,6 +455,16 @@ class Trainer:
         if self.rank == 0:
             path = self.out / "images" / f"{tag}.png"
             save_grid(images.float().cpu(), [f"{p} ({s:.3f})" for p, s in zip(prompts, scores.tolist())], path)
+            # The numbers behind the grid, so a reloaded export can be checked against what the engine produced.
+            record = {
+                "prompts": prompts,
+                "seeds": list(range(len(prompts))),
+                "num_steps": steps,
+                "rollout_dtype": cfg.rollout.dtype,
+                "reward": scores.tolist(),
+                "step": self.step,
+            }
+            (path.with_suffix(".json")).write_text(json.dumps(record, indent=1))
 
 
 def _json_safe(metrics: dict) -> dict:

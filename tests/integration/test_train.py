@@ -82,6 +82,26 @@ def run_cli(ds_json, overrides) -> int:
     return result.returncode
 
 
+def engine_outputs_reproduced(model_dir, out: Path, transformer) -> None:
+    """Rerun the trainer's end-of-run evaluation grid with ``transformer``: the rewards must match images/end.json."""
+    from engine.models import FluxAdapter
+    from engine.rewards import RewardCriterion
+    from engine.rewards.color import ColorReward
+    from engine.rollout import rollout
+
+    record = json.loads((out / "images" / "end.json").read_text())
+    adapter = FluxAdapter.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
+    adapter.transformer = transformer.to(torch.float32)
+    prompts = record["prompts"]
+    cond = adapter.encode_prompts(prompts)
+    x1 = adapter.prepare_noise(len(prompts), 32, 32, record["seeds"])
+    grid = adapter.time_grid(record["num_steps"], 32, 32)
+    with torch.no_grad():
+        x0 = rollout(adapter, cond, x1, grid, guidance_scale=3.5, keep=[], dtype=torch.float32).x0
+        _, reward = RewardCriterion.single(ColorReward(), 0.9)(adapter.decode(x0, 32, 32), prompts)
+    torch.testing.assert_close(reward, torch.tensor(record["reward"]), rtol=1e-4, atol=1e-5)
+
+
 def test_main_trains_writes_metrics_images_checkpoint_and_export(tiny_flux_dir, tmp_path):
     ds_json = write_ds_config(tmp_path / "ds.json")
     out = tmp_path / "run"
@@ -105,6 +125,7 @@ def test_main_trains_writes_metrics_images_checkpoint_and_export(tiny_flux_dir, 
         name for name, p in exported.named_parameters() if not torch.equal(p, dict(original.named_parameters())[name])
     ]
     assert changed, "training must change the exported weights"
+    engine_outputs_reproduced(tiny_flux_dir, out, exported)
     ema = load_file(out / "export" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
     assert ema.keys() == load_file(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors").keys()
 
@@ -140,6 +161,7 @@ def test_lora_trains_and_exports_weights_the_pipeline_loads(tiny_flux_dir, tmp_p
     pipe.load_lora_weights(str(lora_dir))
     pipe.fuse_lora()
     assert not torch.equal(pipe.transformer.transformer_blocks[0].attn.to_q.weight, base_out)
+    engine_outputs_reproduced(tiny_flux_dir, out, pipe.transformer)
 
 
 @pytest.mark.parametrize(
