@@ -406,6 +406,9 @@ class TrainConfig(_Section):
     """The whole run."""
 
     output_dir: str = _field("runs/default", "run folder: resolved config, logs, checkpoints, images, export")
+    collective_timeout_s: int = _field(
+        600, "seconds a collective may wait before the run stops (a dead or hung rank ends every rank)"
+    )
     model: ModelConfig = _field(ModelConfig, "the transformer being trained")
     rewards: list[RewardConfig] = field(
         default_factory=lambda: [RewardConfig()], metadata={"help": "reward models, combined by weight"}
@@ -418,6 +421,7 @@ class TrainConfig(_Section):
     logging: LoggingConfig = _field(LoggingConfig, "metrics and images")
 
     def _validate(self) -> None:
+        self._positive("collective_timeout_s")
         if not self.output_dir.strip():
             _fail("output_dir", self.output_dir, "is empty; name the run folder")
         if not self.rewards:

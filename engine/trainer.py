@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,10 @@ class Trainer:
                 from engine.models.tiny import build_tiny_flux
 
                 log_rank0("no model.path: building the embedded tiny FLUX model at %s", path)
-                build_tiny_flux(path, seed=0)
+                tmp = path.with_name(path.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                build_tiny_flux(tmp, seed=0)
+                os.replace(tmp, path)  # a kill mid-build never leaves a folder that looks complete
             dist.barrier()
         adapter_cls = FluxAdapter if model_cfg.kind == "flux" else SD3Adapter
         frozen_dtype = DTYPES[model_cfg.frozen_dtype]
@@ -233,6 +237,8 @@ class Trainer:
                 raise ValueError(f"checkpoint.resume={resume!r} holds no complete checkpoint; give a step_* folder")
             return
         state = ckpt.load(self, found)
+        if self.rank == 0:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
         log_rank0("resumed from %s at step %d", found, state["step"])
 
     # ------------------------------------------------------------------------------------------------ loop
@@ -465,6 +471,24 @@ class Trainer:
                 "step": self.step,
             }
             (path.with_suffix(".json")).write_text(json.dumps(record, indent=1))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows after ``step``: a run killed after its last checkpoint logged steps that will be redone."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by the kill: everything after it is lost anyway
+        if row.get("step", 0) > step:
+            break
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _json_safe(metrics: dict) -> dict:

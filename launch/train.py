@@ -41,41 +41,77 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a one-process group when run with plain ``python``."""
+def init_distributed(timeout_s: int) -> None:
+    """Join the launcher's process group, or make a one-process group when run with plain ``python``.
+
+    Every collective waits at most ``timeout_s``: a rank that died or hangs makes the others fail, not wait forever.
+    """
+    from datetime import timedelta
+
     import deepspeed
     import torch
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return dist.is_initialized() and any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = load_config(args.config, args.overrides)
-        cfg.check_paths()
-        from engine.rewards import REGISTRY
+        ds_config = resolve_deepspeed_config(args.deepspeed, world_size)
+        from engine.preflight import preflight
 
-        cfg.validate_names(set(REGISTRY))
-        ds_config = resolve_deepspeed_config(args.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as error:
+        preflight(cfg, world_size)
+    except (ConfigError, ValueError) as error:  # ModelFolderError and prompt-file errors are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
 
     import torch.distributed as dist
 
-    from engine.trainer import Trainer
+    from engine.trainer import NonFiniteStop, Trainer
 
-    init_distributed()
+    init_distributed(cfg.collective_timeout_s)
     try:
         Trainer(cfg, ds_config).train()
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteStop as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except RuntimeError as error:  # a collective failed: another rank died, or hung past collective_timeout_s
+        if not _is_collective_failure(error):
+            raise
+        detail = str(error).strip().splitlines()[0][:200]
+        print(
+            f"error: rank {os.environ.get('RANK', '0')}: a collective failed — another rank died or stopped "
+            f"responding (collective_timeout_s={cfg.collective_timeout_s}); check that rank's log, then rerun: "
+            f"the run resumes from its last complete checkpoint ({detail})",
+            file=sys.stderr,
+        )
+        return 5
+    except OSError as error:  # e.g. the disk filled up while saving: the previous complete checkpoint is intact
+        print(
+            f"error: {error.strerror or error} ({error.filename or 'while writing'}); free space or fix "
+            "permissions, then rerun: the run resumes from its last complete checkpoint",
+            file=sys.stderr,
+        )
+        return 4
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,5 +1,9 @@
 """Differentiable rewards: the interface, the registry (load by name from a local path) and the hinge criterion."""
 
+import engine.rewards.aesthetic  # noqa: F401  (registers aesthetic)
+import engine.rewards.clipscore  # noqa: F401  (registers clipscore)
+import engine.rewards.hps  # noqa: F401  (registers hpsv2, hpsv21)
+import engine.rewards.pickscore  # noqa: F401  (registers pickscore)
 from engine.rewards import color  # noqa: F401  (registers tiny_color)
 from engine.rewards.base import REGISTRY, HingeTerm, Reward, RewardCriterion, RewardSpec, load_reward, register
 
