@@ -119,3 +119,25 @@ def test_resume_from_a_different_world_size_is_refused(tmp_path, capsys, tiny_fl
     assert code == 2 and len(err) == 1
     assert "written by 2 rank(s) but this run has 1" in err[0] and "ds_to_universal" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing added
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt"])
+def test_missing_or_corrupt_reward_checkpoint(problem, tmp_path, capsys, tiny_flux_dir):
+    checkpoint = tmp_path / "HPS_v2.1_compressed.pt"
+    if problem == "corrupt":
+        checkpoint.write_bytes(b"PK\x03\x04 this is not a torch checkpoint")
+    out = tmp_path / "run"
+    code = train_cli.main(
+        [
+            "--deepspeed",
+            str(good_ds(tmp_path)),
+            f"output_dir={out}",
+            f"model.path={tiny_flux_dir}",
+            "rewards.0.name=hpsv21",
+            f"rewards.0.path={checkpoint}",
+        ]
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert err[-1].startswith("error: ") and ("rewards.0.path" in err[-1] or "HPS_v2.1_compressed.pt" in err[-1])
+    assert not out.exists()
