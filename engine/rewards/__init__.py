@@ -3,6 +3,8 @@
 import engine.rewards.aesthetic  # noqa: F401  (registers aesthetic)
 import engine.rewards.clipscore  # noqa: F401  (registers clipscore)
 import engine.rewards.hps  # noqa: F401  (registers hpsv2, hpsv21)
+import engine.rewards.hpsv3  # noqa: F401  (registers hpsv3)
+import engine.rewards.imagereward  # noqa: F401  (registers imagereward)
 import engine.rewards.pickscore  # noqa: F401  (registers pickscore)
 from engine.rewards import color  # noqa: F401  (registers tiny_color)
 from engine.rewards.base import REGISTRY, HingeTerm, Reward, RewardCriterion, RewardSpec, load_reward, register

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from reward_fixtures import build_tiny_aesthetic, build_tiny_hf_clip, build_tiny_hps  # noqa: E402
+from test_rewards_vlm import build_tiny_hpsv3, build_tiny_imagereward  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +28,12 @@ def reward_paths(tmp_path_factory):
         "pickscore": clip,
         "clipscore": clip,
         "aesthetic": build_tiny_aesthetic(root / "aesthetic"),
+        "imagereward": build_tiny_imagereward(root / "imagereward"),
+        "hpsv3": build_tiny_hpsv3(root / "hpsv3"),
     }
 
 
-@pytest.mark.parametrize("name", ["hpsv21", "pickscore", "clipscore", "aesthetic"])
+@pytest.mark.parametrize("name", ["hpsv21", "pickscore", "clipscore", "aesthetic", "imagereward", "hpsv3"])
 def test_one_leapalign_step_with_each_reward(name, reward_paths, tiny_flux_dir, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(
@@ -52,6 +55,7 @@ def test_one_leapalign_step_with_each_reward(name, reward_paths, tiny_flux_dir, 
         "rollout.num_steps=4",
         f"rewards.0.name={name}",
         f"rewards.0.path={reward_paths[name]}",
+        "rewards.0.lam=1000",  # far above any tiny model's score: the hinge is active, the gradient must flow
         "logging.progress=false",
         "logging.tensorboard=false",
         "checkpoint.export=false",
