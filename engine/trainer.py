@@ -321,25 +321,10 @@ class Trainer:
         cfg = self.cfg
         prompts = [p for _, p in samples]
         seeds = [cfg.optim.seed * 1_000_000_007 + position for position, _ in samples]
-        cond = Conditioning.cat([self.embeddings[p] for p in prompts]).to(self.device)
         plan = self.objective.plan()
         height, width = cfg.model.height, cfg.model.width
-        grid = self.adapter.time_grid(cfg.rollout.num_steps, height, width)
-        x1 = self.adapter.prepare_noise(len(prompts), height, width, seeds).to(self.device)
         keep = "all" if cfg.rollout.cache == "all" else plan.positions
-        with self._rollout_parameters():
-            trajectory = rollout(
-                self.adapter,
-                cond,
-                x1,
-                grid,
-                guidance_scale=cfg.model.guidance_scale,
-                keep=keep,
-                dtype=self.rollout_dtype,
-                transformer=self.engine.module,
-                height=height,
-                width=width,
-            )
+        cond, trajectory = self._rollout(prompts, seeds, cfg.rollout.num_steps, keep)
         timer.mark("rollout")
         batch = StepBatch(
             adapter=self.adapter,
@@ -358,6 +343,28 @@ class Trainer:
         timer.mark("gradient")
         output.metrics.update(plan_positions=len(plan.positions), cache_bytes=trajectory.nbytes)
         return output
+
+    def _rollout(self, prompts: list[str], seeds: list[int], num_steps: int, keep):
+        """No-grad rollout of ``prompts`` from per-sample ``seeds``; returns the conditioning and the trajectory."""
+        cfg = self.cfg
+        height, width = cfg.model.height, cfg.model.width
+        cond = Conditioning.cat([self.embeddings[p] for p in prompts]).to(self.device)
+        x1 = self.adapter.prepare_noise(len(prompts), height, width, seeds).to(self.device)
+        grid = self.adapter.time_grid(num_steps, height, width)
+        with self._rollout_parameters():
+            trajectory = rollout(
+                self.adapter,
+                cond,
+                x1,
+                grid,
+                guidance_scale=cfg.model.guidance_scale,
+                keep=keep,
+                dtype=self.rollout_dtype,
+                transformer=self.engine.module,
+                height=height,
+                width=width,
+            )
+        return cond, trajectory
 
     @contextlib.contextmanager
     def _rollout_parameters(self):
@@ -440,22 +447,7 @@ class Trainer:
         prompts = self.eval_prompts
         height, width = cfg.model.height, cfg.model.width
         steps = cfg.rollout.eval_num_steps or cfg.rollout.num_steps
-        cond = Conditioning.cat([self.embeddings[p] for p in prompts]).to(self.device)
-        x1 = self.adapter.prepare_noise(len(prompts), height, width, list(range(len(prompts)))).to(self.device)
-        grid = self.adapter.time_grid(steps, height, width)
-        with self._rollout_parameters():
-            trajectory = rollout(
-                self.adapter,
-                cond,
-                x1,
-                grid,
-                guidance_scale=cfg.model.guidance_scale,
-                keep=[steps],
-                dtype=self.rollout_dtype,
-                transformer=self.engine.module,
-                height=height,
-                width=width,
-            )
+        _, trajectory = self._rollout(prompts, list(range(len(prompts))), steps, keep=[steps])
         images = self.adapter.decode(trajectory.latent(steps, self.device, torch.float32), height, width)
         scores = self.criterion(images, prompts)[1]
         if self.rank == 0:

@@ -183,3 +183,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, match):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and match in err[0], err
     assert not out.exists()  # nothing half-written
+
+
+def test_rollout_gather_once_equals_per_call(tiny_flux_dir, tmp_path):
+    """ZeRO-3 rollout parameters gathered once per rollout or by each call: the same training run."""
+    ds_json = write_ds_config(tmp_path / "ds.json")
+    runs = {}
+    for mode in ("once", "per_call"):
+        out = tmp_path / mode
+        extra = {"rollout.gather_params": mode, "checkpoint.export": "false"}
+        assert run_cli(ds_json, base_overrides(tiny_flux_dir, out, steps=2, **extra)) == 0
+        runs[mode] = strip_timing(read_metrics(out))
+    assert runs["once"] == runs["per_call"]
