@@ -30,9 +30,8 @@ from engine.models.base import (
     release_memory,
     scheduler_sigmas,
     set_vae_gradient_checkpointing,
-    transformers_dtype_kwargs,
 )
-from engine.models.loading import ComponentKind, check_model_folder
+from engine.models.loading import ComponentKind, check_model_folder, load_components
 
 logger = logging.getLogger(__name__)
 
@@ -123,26 +122,19 @@ class FluxAdapter:
         """
         folder = check_model_folder(path, pipeline_class="FluxPipeline", components=FLUX_COMPONENTS)
         text_dtype = text_encoder_dtype or dtype
-        local = {"local_files_only": True}
-        transformer = FluxTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", torch_dtype=dtype, **local
-        )
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **local)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **local)
-        text_kwargs = {**transformers_dtype_kwargs(text_dtype), **local}
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **text_kwargs)
-        text_encoder_2 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **text_kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local)
-        tokenizer_2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", **local)
+        classes = {
+            "transformer": FluxTransformer2DModel,
+            "vae": AutoencoderKL,
+            "scheduler": FlowMatchEulerDiscreteScheduler,
+            "text_encoder": CLIPTextModel,
+            "text_encoder_2": T5EncoderModel,
+            "tokenizer": CLIPTokenizer,
+            "tokenizer_2": T5TokenizerFast,
+        }
+        parts = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device)
         logger.info("loaded FLUX model from %s (transformer %s, text encoders %s)", folder, dtype, text_dtype)
         return cls(
-            transformer=transformer.to(device),
-            vae=vae.to(device),
-            scheduler=scheduler,
-            text_encoder=text_encoder.to(device),
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2.to(device),
-            tokenizer_2=tokenizer_2,
+            **parts,
             device=device,
             dtype=dtype,
             max_sequence_length=max_sequence_length,

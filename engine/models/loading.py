@@ -11,7 +11,9 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +114,45 @@ def _missing_in_component(subfolder: Path, kind: ComponentKind) -> str | None:
     if not any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
         return "weights (*.safetensors or *.bin)"
     return None
+
+
+def load_components(
+    folder: Path,
+    classes: Mapping[str, type],
+    *,
+    dtype: torch.dtype,
+    text_dtype: torch.dtype,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """Loads each component subfolder of a checked local folder with its class, local files only.
+
+    Diffusers models (transformer, VAE) load in ``dtype``, transformers models (text encoders) in ``text_dtype``;
+    both move to ``device``. Tokenizers and the scheduler load as they are.
+
+    Args:
+        folder: A folder that passed :func:`check_model_folder`.
+        classes: Subfolder name → the class whose ``from_pretrained`` loads it (the name is also the adapter's
+            constructor keyword).
+        dtype: Dtype of the diffusers models.
+        text_dtype: Dtype of the text encoders.
+        device: Where the models go.
+
+    Returns:
+        Subfolder name → loaded component.
+    """
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    from engine.models.base import transformers_dtype_kwargs
+
+    local = {"local_files_only": True}
+    loaded: dict[str, Any] = {}
+    for name, cls in classes.items():
+        if issubclass(cls, ModelMixin):
+            loaded[name] = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype, **local).to(device)
+        elif issubclass(cls, PreTrainedModel):
+            kwargs = {**transformers_dtype_kwargs(text_dtype), **local}
+            loaded[name] = cls.from_pretrained(folder, subfolder=name, **kwargs).to(device)
+        else:
+            loaded[name] = cls.from_pretrained(folder, subfolder=name, **local)
+    return loaded

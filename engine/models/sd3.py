@@ -27,9 +27,8 @@ from engine.models.base import (
     release_memory,
     scheduler_sigmas,
     set_vae_gradient_checkpointing,
-    transformers_dtype_kwargs,
 )
-from engine.models.loading import ComponentKind, check_model_folder
+from engine.models.loading import ComponentKind, check_model_folder, load_components
 
 logger = logging.getLogger(__name__)
 
@@ -137,28 +136,21 @@ class SD3Adapter:
         """
         folder = check_model_folder(path, pipeline_class="StableDiffusion3Pipeline", components=SD3_COMPONENTS)
         text_dtype = text_encoder_dtype or dtype
-        local = {"local_files_only": True}
-        transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype, **local)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **local)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **local)
-        text_kwargs = {**transformers_dtype_kwargs(text_dtype), **local}
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", **text_kwargs)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **text_kwargs)
-        text_encoder_3 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **text_kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local)
-        tokenizer_3 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3", **local)
+        classes = {
+            "transformer": SD3Transformer2DModel,
+            "vae": AutoencoderKL,
+            "scheduler": FlowMatchEulerDiscreteScheduler,
+            "text_encoder": CLIPTextModelWithProjection,
+            "text_encoder_2": CLIPTextModelWithProjection,
+            "text_encoder_3": T5EncoderModel,
+            "tokenizer": CLIPTokenizer,
+            "tokenizer_2": CLIPTokenizer,
+            "tokenizer_3": T5TokenizerFast,
+        }
+        parts = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device)
         logger.info("loaded SD3 model from %s (transformer %s, text encoders %s)", folder, dtype, text_dtype)
         return cls(
-            transformer=transformer.to(device),
-            vae=vae.to(device),
-            scheduler=scheduler,
-            text_encoder=text_encoder.to(device),
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2.to(device),
-            tokenizer_2=tokenizer_2,
-            text_encoder_3=text_encoder_3.to(device),
-            tokenizer_3=tokenizer_3,
+            **parts,
             device=device,
             dtype=dtype,
             max_sequence_length=max_sequence_length,
