@@ -195,3 +195,16 @@ def test_rollout_gather_once_equals_per_call(tiny_flux_dir, tmp_path):
         assert run_cli(ds_json, base_overrides(tiny_flux_dir, out, steps=2, **extra)) == 0
         runs[mode] = strip_timing(read_metrics(out))
     assert runs["once"] == runs["per_call"]
+
+
+def test_sd3_trains_with_true_cfg_and_exports(tiny_sd3_dir, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    ds_json = write_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "sd3"
+    overrides = base_overrides(tiny_sd3_dir, out, steps=2, **{"model.kind": "sd3", "model.guidance_scale": 4.0})
+    assert run_cli(ds_json, overrides) == 0
+    rows = read_metrics(out)
+    assert all(r["applied"] and r["grad_norm"] > 0 for r in rows)
+    exported = SD3Transformer2DModel.from_pretrained(out / "export" / "transformer")
+    assert sum(p.numel() for p in exported.parameters()) > 0
