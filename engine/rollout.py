@@ -6,7 +6,7 @@ T) over a time grid that decreases from 1 to 0:
     x_{t_{i+1}} = x_{t_i} + (t_{i+1} − t_i) · v(x_{t_i}, t_i)
 
 exactly as diffusers' FlowMatchEulerDiscreteScheduler steps. It runs under ``torch.no_grad()`` and never
-``torch.inference_mode()``: inference tensors cannot be saved for backward, and the objectives later start
+PyTorch's inference mode: its tensors cannot be saved for backward, and the objectives later start
 gradient-carrying leap passes from the cached latents.
 
 The latents the objective needs (its anchors, or the whole path) are copied to CPU as they are produced; on CUDA
