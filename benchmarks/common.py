@@ -6,6 +6,7 @@ Every benchmark row carries ``stamp()`` (device, versions, commit, date) as STYL
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -125,3 +126,12 @@ def tiny_flux_adapter(device: torch.device, max_sequence_length: int, folder: st
     )
     adapter.transformer.requires_grad_(True)
     return adapter, _TINY_DIR
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line; the folder is created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    return path

@@ -22,7 +22,6 @@ Shapes come from the real configs: FLUX packed latents [1, (H/16)·(W/16), 64] a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, device_tag, set_threads, stamp, sync  # noqa: E402
+from benchmarks.common import RESULTS, device_tag, set_threads, stamp, sync, write_jsonl  # noqa: E402
 from engine.memory import MODELS  # noqa: E402
 
 ALPHA = 0.3
@@ -128,11 +127,8 @@ def main(argv=None) -> list[dict]:
             )
         if device.type != "cuda":
             rows.append({**base, "impl": "fused", "skipped": "needs CUDA: Triton on CPU runs only in the interpreter"})
-    args.output.mkdir(parents=True, exist_ok=True)
     tag = device_tag(device)
-    with (args.output / f"kernels_{tag}.jsonl").open("w") as out:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+    write_jsonl(args.output / f"kernels_{tag}.jsonl", rows)
     lines = [
         f"# Leap connector vs copy bandwidth ({header['device']}, {str(dtype).replace('torch.', '')})",
         "",

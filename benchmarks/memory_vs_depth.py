@@ -52,7 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from benchmarks.common import RESULTS, Timer, device_tag, median_spread, set_threads, stamp, tiny_flux_adapter  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    Timer,
+    device_tag,
+    median_spread,
+    set_threads,
+    stamp,
+    tiny_flux_adapter,
+    write_jsonl,
+)
 from engine.memory import (  # noqa: E402
     MODELS,
     Calibration,
@@ -577,12 +586,8 @@ def main(argv=None) -> list[dict]:
         row = run_case(setups[key], name, options, label, steps, checkpointing, args.repeats)
         row.update(header)
         rows.append(row)
-    jsonl = args.output / f"memory_vs_depth_{tag}.jsonl"
-    with jsonl.open("w") as out:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-        for line in skipped:
-            out.write(json.dumps({"model": line.split(":")[0], "skipped": "needs CUDA", **header}) + "\n")
+    skipped_rows = [{"model": line.split(":")[0], "skipped": "needs CUDA", **header} for line in skipped]
+    jsonl = write_jsonl(args.output / f"memory_vs_depth_{tag}.jsonl", rows + skipped_rows)
     write_markdown(rows, args.output / f"memory_vs_depth_{tag}.md", header, skipped)
     plot(rows, tag, args.output)
     if calibration is not None:

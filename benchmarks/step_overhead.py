@@ -15,7 +15,6 @@ forward, DRTune). The report is measured step ÷ bound (1.0 = no overhead). The 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, device_tag, set_threads, stamp, sync  # noqa: E402
+from benchmarks.common import RESULTS, device_tag, set_threads, stamp, sync, write_jsonl  # noqa: E402
 from benchmarks.memory_vs_depth import OBJECTIVES, Setup, objective_options, train_step  # noqa: E402
 from engine.objectives import build_objective  # noqa: E402
 from engine.rollout import rollout  # noqa: E402
@@ -134,11 +133,8 @@ def main(argv=None) -> list[dict]:
         {"kind": "rollout_vs_pipeline", "T": steps, "rollout_s": ours, "pipeline_s": theirs, "ratio": ours / theirs}
         | {"resolution": size, **header}
     )
-    args.output.mkdir(parents=True, exist_ok=True)
     tag = device_tag(device)
-    with (args.output / f"step_overhead_{tag}.jsonl").open("w") as out:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+    write_jsonl(args.output / f"step_overhead_{tag}.jsonl", rows)
     lines = [
         f"# Step time vs lower bound (tiny FLUX, {size}², batch {batch_size}, T={steps}, {header['device']})",
         "",
