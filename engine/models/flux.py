@@ -103,7 +103,7 @@ class FluxAdapter:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         text_encoder_dtype: torch.dtype | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
     ) -> FluxAdapter:
         """Loads a FLUX model from a local diffusers folder (never from the hub).
 
@@ -112,7 +112,8 @@ class FluxAdapter:
             device: Where to put every module.
             dtype: Dtype of the transformer and the VAE.
             text_encoder_dtype: Dtype of CLIP and T5; defaults to ``dtype``.
-            max_sequence_length: T5 tokens per prompt.
+            max_sequence_length: T5 tokens per prompt; None = the T5 tokenizer's ``model_max_length``, at most 512
+                (FLUX.1-dev's tokenizer says 512, FluxPipeline's default; the embedded world's says 12).
 
         Returns:
             The adapter, with VAE and text encoders frozen.
@@ -132,6 +133,8 @@ class FluxAdapter:
             "tokenizer_2": T5TokenizerFast,
         }
         parts = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device)
+        if max_sequence_length is None:
+            max_sequence_length = min(512, int(parts["tokenizer_2"].model_max_length))
         logger.info("loaded FLUX model from %s (transformer %s, text encoders %s)", folder, dtype, text_dtype)
         return cls(
             **parts,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,18 +65,27 @@ def _clip_tokenizer(workdir: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(source, model_max_length=77)
 
 
-def _t5_tokenizer(workdir: Path) -> T5TokenizerFast:
-    """A unigram T5 tokenizer from a sentencepiece model trained on ``_CORPUS`` into ``workdir``."""
+def _t5_tokenizer(
+    workdir: Path,
+    corpus: Sequence[str] = _CORPUS,
+    vocab_size: int = 64,
+    model_max_length: int = 512,
+    model_type: str = "unigram",
+) -> T5TokenizerFast:
+    """A unigram T5 tokenizer from a sentencepiece model trained on ``corpus`` into ``workdir``.
+
+    ``model_max_length`` is saved with the tokenizer; ``FluxAdapter`` pads T5 prompts to it (at most 512).
+    """
     import sentencepiece
 
     source = workdir / "t5_vocab"
     source.mkdir(parents=True, exist_ok=True)
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 4),
+        sentence_iterator=iter(list(corpus) * 4),
         model_prefix=str(source / "spiece"),
-        vocab_size=64,
+        vocab_size=vocab_size,
         hard_vocab_limit=False,
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         # T5's special ids: <pad>=0, </s>=1, <unk>=2, no <s>.
         pad_id=0,
@@ -84,7 +94,7 @@ def _t5_tokenizer(workdir: Path) -> T5TokenizerFast:
         bos_id=-1,
         minloglevel=2,
     )
-    return T5TokenizerFast.from_pretrained(source, extra_ids=0, model_max_length=512)
+    return T5TokenizerFast.from_pretrained(source, extra_ids=0, model_max_length=model_max_length)
 
 
 def _clip_config(tokenizer: CLIPTokenizer, hidden_size: int) -> CLIPTextConfig:
@@ -120,22 +130,43 @@ def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
-    # Four blocks: scale factor 8 as in FLUX / SD3; no quant convs, as in both.
+def _vae(
+    scaling_factor: float = 1.0,
+    shift_factor: float = 0.0,
+    block_out_channels: Sequence[int] = (8, 8, 8, 8),
+    norm_num_groups: int = 4,
+    mid_block_add_attention: bool = True,
+) -> AutoencoderKL:
+    """A small AutoencoderKL; the default four blocks give scale factor 8 as in FLUX / SD3; no quant convs, as both."""
+    blocks = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 8, 8],
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+        block_out_channels=list(block_out_channels),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
         sample_size=32,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
+        mid_block_add_attention=mid_block_add_attention,
         use_quant_conv=False,
         use_post_quant_conv=False,
+    )
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1 [dev]'s scheduler config: resolution-dependent exponential shift."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
 
 
@@ -164,16 +195,7 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
         guidance_embeds=True,
         axes_dims_rope=[4, 4, 8],
     )
-    # FLUX.1 [dev]'s scheduler config: resolution-dependent exponential shift.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_scheduler()
     pipeline = FluxPipeline(
         scheduler=scheduler,
         vae=_vae(scaling_factor=0.3611, shift_factor=0.1159),

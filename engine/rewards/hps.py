@@ -36,6 +36,8 @@ CHECKPOINTS = {"hpsv2": "HPS_v2_compressed.pt", "hpsv21": "HPS_v2.1_compressed.p
 
 
 def _files(name: str) -> str:
+    if name not in CHECKPOINTS:
+        return f"{name}.pt with {CONFIG_NAME} beside it"
     return (
         f"{CHECKPOINTS[name]} (a torch file {{'state_dict': ...}} of open_clip {DEFAULT_ARCH}, from the xswu/HPSv2 "
         f"release), given as the file or a folder holding it, optionally with {CONFIG_NAME} beside it"
@@ -50,13 +52,13 @@ def _fail(name: str, path, why: str) -> ValueError:
     )
 
 
-def _find_checkpoint(name: str, path: str | os.PathLike) -> Path:
+def _find_checkpoint(name: str, path: str | os.PathLike, file_name: str) -> Path:
     candidate = Path(path)
     if candidate.is_dir():
         # The exact name only: a folder holding the other HPS version must not load silently under this name.
-        if not (candidate / CHECKPOINTS[name]).is_file():
-            raise _fail(name, path, f"no {CHECKPOINTS[name]} in the folder")
-        return candidate / CHECKPOINTS[name]
+        if not (candidate / file_name).is_file():
+            raise _fail(name, path, f"no {file_name} in the folder")
+        return candidate / file_name
     if not candidate.is_file():
         raise _fail(name, path, "no such file or folder")
     return candidate
@@ -101,11 +103,12 @@ def _torch_load(file: Path):
 class HPSReward:
     """HPSv2/v2.1: ``cos(f_img(x), f_txt(prompt))`` of an open_clip CLIP model."""
 
-    default_alpha = 0.3
-
-    def __init__(self, name: str, model: torch.nn.Module, tokenizer, default_lam: float = 0.55):
+    def __init__(
+        self, name: str, model: torch.nn.Module, tokenizer, default_lam: float = 0.55, default_alpha: float = 0.3
+    ):
         self.name = name
         self.default_lam = default_lam
+        self.default_alpha = default_alpha
         self.model = model
         self.tokenizer = tokenizer
         size = getattr(model.visual, "image_size", 224)
@@ -124,11 +127,24 @@ class HPSReward:
         return (image_features.float() * text_features.float()).sum(dim=-1)
 
 
-def load_hps(name: str, path: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> HPSReward:
-    """Build open_clip ViT-H-14 (or the local config's architecture) and strictly load the HPS checkpoint."""
+def load_hps(
+    name: str,
+    path: str | os.PathLike,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    file_name: str | None = None,
+    default_lam: float = 0.55,
+    default_alpha: float = 0.3,
+) -> HPSReward:
+    """Build open_clip ViT-H-14 (or the local config's architecture) and strictly load the HPS checkpoint.
+
+    ``file_name``/``default_lam``/``default_alpha`` let another open_clip cosine reward (the embedded world's
+    ``world_clip``) load through this same path; the HPS names take their release file names.
+    """
     import open_clip
 
-    checkpoint = _find_checkpoint(name, path)
+    checkpoint = _find_checkpoint(name, path, file_name or CHECKPOINTS[name])
     arch = _architecture(name, checkpoint)
     try:
         state = _torch_load(checkpoint)
@@ -153,7 +169,7 @@ def load_hps(name: str, path: str | os.PathLike, device: torch.device, dtype: to
         raise _fail(name, checkpoint, f"does not match open_clip {arch}: {str(err).splitlines()[-1]}") from err
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)  # SimpleTokenizer: BPE vocab packaged with open_clip, no download
-    return HPSReward(name, model, tokenizer)
+    return HPSReward(name, model, tokenizer, default_lam, default_alpha)
 
 
 register(RewardSpec("hpsv21", lambda p, d, t: load_hps("hpsv21", p, d, t), needs_path=True, files=_files("hpsv21")))

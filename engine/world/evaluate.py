@@ -1,0 +1,114 @@
+"""Generate and judge: the embedded world's evaluation of a model, by GenEval's rules on held-out prompts.
+
+Used for the base model's record (``build.py``), the default run's start/end scores (``engine/trainer.py``) and the
+method comparison (``benchmarks/methods.py``). Every sample has its own noise seed, so a prompt's image does not
+depend on the batch it was drawn in, and two models are compared on the same noise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from engine.world.judge import evaluate
+from engine.world.scenes import CATEGORIES, Prompt, all_prompts, make_prompts
+
+SPLIT_SEED = 0  # the held-out pairings of the embedded world (make_prompts(0))
+
+
+@functools.cache
+def _by_text() -> dict[str, Prompt]:
+    table: dict[str, Prompt] = {}
+    for _category, prompts in all_prompts().items():
+        for prompt in prompts:
+            # "colors" and "single_object" share captions; the first category wins, and both are judged alike.
+            table.setdefault(prompt.text, prompt)
+    return table
+
+
+def world_prompt(text: str) -> Prompt | None:
+    """The world prompt (spec and category) with this caption, or None if the caption is not the world's."""
+    return _by_text().get(text)
+
+
+def prompt_set(split: str, per_category: int, seed: int = SPLIT_SEED) -> list[Prompt]:
+    """``per_category`` prompts of each category from the fine-tuning or held-out split, in a fixed order.
+
+    ``single_object`` and ``colors`` share captions in this world (every object names its colour), so the two
+    categories draw different captions of the same pool.
+    """
+    split_prompts = make_prompts(seed)
+    pool = split_prompts.finetune if split == "finetune" else split_prompts.heldout
+    if split not in ("finetune", "heldout"):
+        raise ValueError(f"split={split!r}: use 'finetune' or 'heldout'")
+    chosen: list[Prompt] = []
+    for category in CATEGORIES:
+        members = [p for p in pool if p.category == category]
+        if category == "colors":  # skip the captions single_object already took
+            taken = {p.text for p in chosen if p.category == "single_object"}
+            members = [p for p in members if p.text not in taken] or members
+        chosen += members[:per_category]
+    return chosen
+
+
+@torch.no_grad()
+def generate(
+    adapter,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_steps: int = 25,
+    transformer: torch.nn.Module | None = None,
+    height: int = 32,
+    width: int = 32,
+    batch_size: int = 64,
+    dtype: torch.dtype = torch.float32,
+    embeddings: dict | None = None,
+) -> torch.Tensor:
+    """Samples one image per prompt (per-sample noise seeds) with the adapter's rollout; ``[N, 3, H, W]`` in [0, 1].
+
+    ``embeddings`` maps prompt → Conditioning (already encoded, e.g. after the text encoders were freed).
+    """
+    from engine.models.base import Conditioning
+    from engine.rollout import rollout
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    times = adapter.time_grid(num_steps, height, width)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        if embeddings is not None:
+            cond = Conditioning.cat([embeddings[p] for p in chunk]).to(adapter.device)
+        else:
+            cond = adapter.encode_prompts(chunk)
+        noise = adapter.prepare_noise(len(chunk), height, width, list(seeds[start : start + batch_size]))
+        trajectory = rollout(
+            adapter, cond, noise, times, guidance_scale=1.0, keep=[], dtype=dtype, transformer=transformer
+        )
+        images.append(adapter.decode(trajectory.x0.to(adapter.device, torch.float32), height, width).cpu())
+    return torch.cat(images)
+
+
+def judge_report(images: torch.Tensor, prompts: Sequence[Prompt]) -> dict:
+    """``{"overall": ..., <category>: ...}`` by GenEval's rules."""
+    result = evaluate(images, prompts)
+    return {"overall": result.overall, **result.per_category}
+
+
+def evaluate_model(
+    folder: str | Path, seed: int = 0, per_category: int = 20, split: str = "heldout", num_steps: int = 25
+) -> dict:
+    """Loads a world model folder through ``FluxAdapter`` and judges its images of a prompt split."""
+    from engine.models.flux import FluxAdapter
+
+    adapter = FluxAdapter.from_pretrained(folder)
+    prompts = prompt_set(split, per_category)
+    seeds = [seed * 100_003 + i for i in range(len(prompts))]
+    images = generate(adapter, [p.text for p in prompts], seeds, num_steps=num_steps)
+    report = {"judge": judge_report(images, prompts), "split": split, "prompts": len(prompts), "seed": seed}
+    report["judge"] = {k: round(float(v), 4) for k, v in report["judge"].items()}
+    return report
