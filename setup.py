@@ -15,6 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch", "launch.*"]),
+    # The embedded world's pretrained weights (a few MB) ship with the package: the default run needs no download.
+    package_data={"engine.world": ["assets/*/*", "assets/*/*/*"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.19.3",

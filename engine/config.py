@@ -197,7 +197,7 @@ class ModelConfig(_Section):
     _prefix: ClassVar[str] = "model"
 
     kind: Literal["flux", "sd3"] = _field("flux", "model family: FLUX (guidance-distilled) or SD3 (true CFG)")
-    path: str | None = _field(None, "local diffusers folder; null = the embedded tiny model built by the trainer")
+    path: str | None = _field(None, "local diffusers folder; null = the embedded world's pretrained model")
     height: int = _field(32, "image height in pixels; a multiple of 16 (paper: 720)")
     width: int = _field(32, "image width in pixels; a multiple of 16 (paper: 720)")
     guidance_scale: float = _field(3.5, "FLUX: embedded guidance; SD3: classifier-free guidance scale (paper: 3.5)")
@@ -227,7 +227,7 @@ class RewardConfig(_Section):
 
     _prefix: ClassVar[str] = "reward"
 
-    name: str = _field("tiny_color", "registered reward name (e.g. hpsv21, pickscore, hpsv3)")
+    name: str = _field("world_clip", "registered reward name (e.g. hpsv21, pickscore, hpsv3)")
     path: str | None = _field(None, "local checkpoint of the reward model; null = the reward's default location")
     lam: float | None = _field(None, "hinge threshold λ in max(0, λ − r); null = the reward's paper default")
     weight: float = _field(1.0, "weight of this reward's loss in the combination")
@@ -325,8 +325,10 @@ class DataConfig(_Section):
 
     _prefix: ClassVar[str] = "data"
 
-    prompts: str | None = _field(None, "training prompts, a text file with one prompt a line; null = embedded list")
-    eval_prompts: str | None = _field(None, "evaluation prompts, same format; null = the embedded list")
+    prompts: str | None = _field(
+        None, "training prompts, a text file with one prompt a line; null = the world's fine-tuning prompts"
+    )
+    eval_prompts: str | None = _field(None, "evaluation prompts, same format; null = the world's held-out prompts")
     shuffle: bool = _field(True, "shuffle the training prompts each epoch")
 
     def _validate(self) -> None:
@@ -342,7 +344,7 @@ class OptimConfig(_Section):
 
     _prefix: ClassVar[str] = "optim"
 
-    max_steps: int = _field(30, "optimizer steps (paper: 300)")
+    max_steps: int = _field(40, "optimizer steps (paper: 300)")
     lora_rank: int = _field(0, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: float | None = _field(None, "LoRA scale numerator; null = lora_rank (scale 1)")
     lora_targets: list[str] = _field(["to_q", "to_k", "to_v", "to_out.0"], "module-name suffixes that get LoRA")

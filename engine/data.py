@@ -9,20 +9,35 @@ prompts with the same noise.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-# The embedded default is a smoke-scale demonstration on a tiny *random* FLUX-architecture model: it learns, within
-# a few dozen CPU steps, to tint its images towards the prompt's colour under the bundled ``tiny_color`` reward.
-# Colours of one family (blue and purple lean the same way from grey) keep that learnable for a model whose random
-# text encoders barely separate prompts; a pretrained embedded world with a learned reward replaces it.
-EMBEDDED_COLORS = ("blue", "purple")
-EMBEDDED_SHAPES = ("circle", "square", "triangle", "ring", "star", "cross")
-EMBEDDED_PROMPTS = tuple(f"a {c} {s}" for c, s in itertools.product(EMBEDDED_COLORS, EMBEDDED_SHAPES))
-EMBEDDED_EVAL_PROMPTS = ("a blue circle", "a blue square", "a purple triangle", "a purple ring")
+# The embedded default prompts come from the embedded world (``engine/world``): fine-tuning draws a balanced set of
+# the fine-tuning split (every category, no held-out colour-shape pairing); evaluation images and the judge's
+# start/end scores use the held-out split, whose pairings fine-tuning never sees.
+EMBEDDED_PER_CATEGORY = 40
+EMBEDDED_EVAL_PER_CATEGORY = 8
+
+
+def embedded_prompts() -> list[str]:
+    """The default fine-tuning prompts: 40 per GenEval category of the world's fine-tuning split (240)."""
+    from engine.world.evaluate import prompt_set
+
+    return [p.text for p in prompt_set("finetune", EMBEDDED_PER_CATEGORY)]
+
+
+def embedded_eval_prompts() -> list[str]:
+    """The default evaluation prompts: 8 per category of the world's held-out split (48)."""
+    return [p.text for p in embedded_eval_specs()]
+
+
+def embedded_eval_specs():
+    """The default evaluation prompts as world ``Prompt``s: their GenEval category and spec, for the judge."""
+    from engine.world.evaluate import prompt_set
+
+    return prompt_set("heldout", EMBEDDED_EVAL_PER_CATEGORY)
 
 
 def read_prompts(path: str, field: str = "data.prompts") -> list[str]:

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, deepspeed_precision, save_config
-from engine.data import EMBEDDED_EVAL_PROMPTS, EMBEDDED_PROMPTS, PromptOrder, read_prompts
+from engine.data import PromptOrder, embedded_eval_specs, embedded_prompts, read_prompts
 from engine.ema import ShardedEMA
 from engine.models import FluxAdapter, SD3Adapter
 from engine.models.base import Conditioning
@@ -70,10 +69,6 @@ class StepTimer:
         self._last = now
 
 
-def _embedded_model_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.output_dir) / "embedded_model"
-
-
 class Trainer:
     """Owns the adapter, the DeepSpeed engine, the objective, EMA, metrics and checkpoints of one run."""
 
@@ -88,8 +83,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         else:
             # CPU ranks share the cores: more threads than cores makes OpenMP spin and slows tiny ops ~10x.
+            # An explicit OMP_NUM_THREADS (e.g. several runs side by side) wins.
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1) // local_world
+            torch.set_num_threads(max(1, threads))
         self.out = Path(cfg.output_dir)
         self.train_dtype = deepspeed_precision(ds_config)
         self.rollout_dtype = DTYPES[cfg.rollout.dtype]
@@ -117,26 +114,23 @@ class Trainer:
 
     def _load_prompts(self) -> None:
         data = self.cfg.data
-        self.prompts = read_prompts(data.prompts) if data.prompts else list(EMBEDDED_PROMPTS)
+        self.prompts = read_prompts(data.prompts) if data.prompts else embedded_prompts()
         self.eval_prompts = read_prompts(data.eval_prompts, "data.eval_prompts") if data.eval_prompts else None
-        if self.eval_prompts is None:
-            self.eval_prompts = list(EMBEDDED_EVAL_PROMPTS) if data.prompts is None else self.prompts[:4]
+        self.eval_specs = None  # world Prompts (category + spec) when the eval prompts are the embedded held-out set
+        if self.eval_prompts is None and data.prompts is None:
+            self.eval_specs = embedded_eval_specs()
+            self.eval_prompts = [p.text for p in self.eval_specs]
+        elif self.eval_prompts is None:
+            self.eval_prompts = self.prompts[:4]
         self.order = PromptOrder(self.prompts, self.global_batch, self.cfg.optim.seed, data.shuffle)
 
     def _build_model(self) -> None:
         model_cfg = self.cfg.model
         path = model_cfg.path
         if path is None:
-            path = _embedded_model_dir(self.cfg)
-            if self.rank == 0 and not (path / "model_index.json").exists():
-                from engine.models.tiny import build_tiny_flux
+            from engine.world.build import MODEL_DIR
 
-                log_rank0("no model.path: building the embedded tiny FLUX model at %s", path)
-                tmp = path.with_name(path.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                build_tiny_flux(tmp, seed=0)
-                os.replace(tmp, path)  # a kill mid-build never leaves a folder that looks complete
-            dist.barrier()
+            path = MODEL_DIR  # the embedded world's pretrained model, committed with the code
         adapter_cls = FluxAdapter if model_cfg.kind == "flux" else SD3Adapter
         frozen_dtype = DTYPES[model_cfg.frozen_dtype]
         if self.device.type == "cpu" and frozen_dtype != torch.float32:
@@ -450,6 +444,7 @@ class Trainer:
         _, trajectory = self._rollout(prompts, list(range(len(prompts))), steps, keep=[steps])
         images = self.adapter.decode(trajectory.latent(steps, self.device, torch.float32), height, width)
         scores = self.criterion(images, prompts)[1]
+        judged = _judge(images, self.eval_specs or prompts)
         if self.rank == 0:
             path = self.out / "images" / f"{tag}.png"
             save_grid(images.float().cpu(), [f"{p} ({s:.3f})" for p, s in zip(prompts, scores.tolist())], path)
@@ -462,7 +457,25 @@ class Trainer:
                 "reward": scores.tolist(),
                 "step": self.step,
             }
+            if judged is not None:
+                record["judge"] = judged
+                summary = ", ".join(f"{k} {v:.2f}" for k, v in judged.items())
+                log_rank0("judge (%s, %d held-out prompts): %s", tag, len(prompts), summary)
             (path.with_suffix(".json")).write_text(json.dumps(record, indent=1))
+
+
+def _judge(images: torch.Tensor, prompts: list) -> dict[str, float] | None:
+    """The embedded world's exact judge (GenEval's rules) when every prompt is a world prompt, else None.
+
+    ``prompts``: world ``Prompt``s, or captions looked up by text (a caption that two categories share, such as
+    "a red circle" in single_object and colors, is then reported under the first).
+    """
+    from engine.world.evaluate import judge_report, world_prompt
+
+    specs = [p if not isinstance(p, str) else world_prompt(p) for p in prompts]
+    if any(spec is None for spec in specs):
+        return None
+    return {k: round(float(v), 4) for k, v in judge_report(images.float().cpu(), specs).items()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -85,8 +85,7 @@ def run_cli(ds_json, overrides) -> int:
 def engine_outputs_reproduced(model_dir, out: Path, transformer) -> None:
     """Rerun the trainer's end-of-run evaluation grid with ``transformer``: the rewards must match images/end.json."""
     from engine.models import FluxAdapter
-    from engine.rewards import RewardCriterion
-    from engine.rewards.color import ColorReward
+    from engine.rewards import RewardCriterion, load_reward
     from engine.rollout import rollout
 
     record = json.loads((out / "images" / "end.json").read_text())
@@ -98,7 +97,7 @@ def engine_outputs_reproduced(model_dir, out: Path, transformer) -> None:
     grid = adapter.time_grid(record["num_steps"], 32, 32)
     with torch.no_grad():
         x0 = rollout(adapter, cond, x1, grid, guidance_scale=3.5, keep=[], dtype=torch.float32).x0
-        _, reward = RewardCriterion.single(ColorReward(), 0.9)(adapter.decode(x0, 32, 32), prompts)
+        _, reward = RewardCriterion.single(load_reward("world_clip", None), 0.9)(adapter.decode(x0, 32, 32), prompts)
     torch.testing.assert_close(reward, torch.tensor(record["reward"]), rtol=1e-4, atol=1e-5)
 
 
@@ -112,6 +111,10 @@ def test_main_trains_writes_metrics_images_checkpoint_and_export(tiny_flux_dir, 
         assert all(key in r for r in rows), key
     assert all(r["applied"] for r in rows) and rows[-1]["skipped_steps"] == 0
     assert (out / "images" / "start.png").exists() and (out / "images" / "end.png").exists()
+    # The default evaluation prompts are the world's held-out ones: the exact judge scores them at start and end.
+    judged = json.loads((out / "images" / "end.json").read_text())["judge"]
+    assert set(judged) == {"overall", "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert 0 <= judged["overall"] <= 1
     assert (out / "config.yaml").exists()
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert checkpoints == ["step_000002", "step_000003"]

@@ -66,9 +66,9 @@ def test_defaults_are_valid_and_match_the_brief():
     cfg = TrainConfig()
     assert cfg == load_config(None, [])
     assert (cfg.model.kind, cfg.model.path, cfg.model.height, cfg.model.width) == ("flux", None, 32, 32)
-    assert [r.name for r in cfg.rewards] == ["tiny_color"]
+    assert [r.name for r in cfg.rewards] == ["world_clip"]
     assert (cfg.method.objective, cfg.method.n_leaps, cfg.method.alpha, cfg.method.tau) == ("leapalign", 2, None, 0.1)
-    assert cfg.rollout.num_steps == 25 and cfg.optim.max_steps == 30 and cfg.optim.ema_decay == 0.995
+    assert cfg.rollout.num_steps == 25 and cfg.optim.max_steps == 40 and cfg.optim.ema_decay == 0.995
     assert cfg.optim.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
     # Mutable defaults are per instance.
     other = TrainConfig()
@@ -163,11 +163,11 @@ def test_save_config_round_trips(tmp_path):
 
 
 def test_validate_names():
-    load_config(None, ["rewards.1.name=pickscore"]).validate_names({"tiny_color", "pickscore", "hpsv21"})
+    load_config(None, ["rewards.1.name=pickscore"]).validate_names({"world_clip", "pickscore", "hpsv21"})
     cfg = load_config(None, ["rewards.1.name=pickscor"])
-    message = _raises(cfg.validate_names, {"tiny_color", "hpsv21"})
-    assert message == "rewards.1.name='pickscor' is unknown; choose one of hpsv21, tiny_color"
-    message = _raises(cfg.validate_names, {"tiny_color", "pickscore"})
+    message = _raises(cfg.validate_names, {"world_clip", "hpsv21"})
+    assert message == "rewards.1.name='pickscor' is unknown; choose one of hpsv21, world_clip"
+    message = _raises(cfg.validate_names, {"world_clip", "pickscore"})
     assert "is unknown (did you mean 'pickscore'?)" in message
 
 
@@ -214,7 +214,7 @@ BAD_OVERRIDES = [
     (["rewards.0.weight=0"], "rewards.0.weight=0.0 must be > 0"),
     (["rewards.2.name=x"], "override key 'rewards.2': '2' is not an index of rewards"),
     (["rewards=[]"], "rewards=[] is empty"),
-    (["rewards.1.name=tiny_color"], "rewards.1.name='tiny_color' repeats rewards.0"),
+    (["rewards.1.name=world_clip"], "rewards.1.name='world_clip' repeats rewards.0"),
     (["model.height=30"], "model.height=30 must be a positive multiple of 16; use e.g. 32"),
     (["model.kind=sdxl"], "model.kind='sdxl' is not a valid choice"),
     (["optim.ema_decay=1.0"], "optim.ema_decay=1.0 must lie in (0, 1)"),
