@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, ROOT, stamp, write_jsonl  # noqa: E402
+from engine.config import MethodConfig  # noqa: E402
 from engine.data import EMBEDDED_EVAL_PER_CATEGORY  # noqa: E402
 
 logger = logging.getLogger("methods")
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
         f"{settings['micro_batch']} rollouts (T = {NUM_STEPS}, lr {settings['lr']}, ZeRO-3, 1 process), seeds "
         f"{args.seeds}; values at the last step on {6 * settings['eval_per_category']} held-out prompts "
         f"({settings['eval_per_category']} per GenEval category, pairings never seen in fine-tuning), mean ± 95% CI "
-        f"(Student t) over seeds. DRaFT-LV evaluates the reward {1 + 2} times per sample (its re-noise loops); every "
+        f"(Student t) over seeds. DRaFT-LV evaluates the reward {1 + MethodConfig().draft_lv_renoise} times per sample "
+        "(its re-noise loops); every "
         "other method once.\n\n"
     )
     (args.out / f"methods_{tag}.md").write_text(header + table(summaries, args.methods) + "\n", encoding="utf-8")
