@@ -198,6 +198,29 @@ def table(summaries: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(summaries: list[dict], methods: list[str], reference: str = "LeapAlign") -> str:
+    """Markdown: ``reference`` minus each other method, paired by seed (same prompts, noise and evaluation seeds),
+    mean ± 95% CI over seeds, at the last step; an interval that excludes 0 is marked."""
+    by_key = {(s["method"], s["seed"]): s["curve"][-1] for s in summaries}
+    lines = [
+        f"| {reference} minus | seeds | Δ held-out reward | Δ judge overall |",
+        "|---|---|---|---|",
+    ]
+    for name in methods:
+        if name == reference:
+            continue
+        seeds = sorted(seed for (method, seed) in by_key if method == name and (reference, seed) in by_key)
+        if not seeds:
+            continue
+        cells = []
+        for pick in (lambda p: p["reward"], lambda p: p["judge"]["overall"]):
+            mean, half = mean_ci95([pick(by_key[(reference, s)]) - pick(by_key[(name, s)]) for s in seeds])
+            mark = " *" if len(seeds) > 1 and abs(mean) > half else ""
+            cells.append(f"{mean:+.3f} ± {half:.3f}{mark}")
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(summaries: list[dict], methods: list[str], path: Path) -> None:
     import matplotlib
 
@@ -288,10 +311,18 @@ def main(argv=None) -> int:
         "(its re-noise loops); every "
         "other method once.\n\n"
     )
-    (args.out / f"methods_{tag}.md").write_text(header + table(summaries, args.methods) + "\n", encoding="utf-8")
+    paired = ""
+    if "LeapAlign" in args.methods and len(args.seeds) > 1:
+        paired = (
+            "\n\nPaired by seed (every method of a seed saw the same prompts, noise and evaluation seeds), LeapAlign "
+            "minus each other method at the last step, mean ± 95% CI; * = the interval excludes 0.\n\n"
+            + paired_table(summaries, args.methods)
+        )
+    report = header + table(summaries, args.methods) + paired + "\n"
+    (args.out / f"methods_{tag}.md").write_text(report, encoding="utf-8")
     plot(summaries, args.methods, args.out / f"methods_{tag}.png")
     logger.info("wrote %s", args.out / f"methods_{tag}.md")
-    print(table(summaries, args.methods))
+    print(report)
     return 0
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from benchmarks.methods import METHODS, mean_ci95, table
+from benchmarks.methods import METHODS, mean_ci95, paired_table, table
 
 
 def test_mean_ci95_is_the_student_t_interval():
@@ -41,3 +41,12 @@ def test_table_reports_base_row_and_each_method_over_seeds():
 def test_every_method_names_a_distinct_configuration():
     assert len({tuple(v) for v in METHODS.values()}) == len(METHODS)
     assert {"LeapAlign", "ReFL", "DRaFT-LV", "DRTune", "Full backprop"} <= set(METHODS)
+
+
+def test_paired_table_differences_by_seed():
+    summaries = [_summary("LeapAlign", s, 0.30 + 0.1 * s, 0.5) for s in range(3)]
+    summaries += [_summary("ReFL", s, 0.20 + 0.1 * s, 0.5) for s in range(3)]  # 0.1 below on every seed
+    summaries += [_summary("DRTune", 0, 0.1, 0.4)]  # one shared seed: no interval, no mark
+    rows = paired_table(summaries, ["LeapAlign", "ReFL", "DRTune"]).splitlines()
+    assert rows[2] == "| ReFL | 3 | +0.100 ± 0.000 * | +0.000 ± 0.000 |"
+    assert rows[3] == "| DRTune | 1 | +0.200 ± 0.000 | +0.100 ± 0.000 |"
