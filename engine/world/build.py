@@ -1,10 +1,10 @@
 """Builds the embedded world's weights, seeded and timed: a tiny VAE, a tiny FLUX transformer pretrained with
 rectified flow on the scenes, and a tiny open_clip CLIP reward trained contrastively on them.
 
-    python -m engine.world.build vae      # ~7 min on 2 CPU cores
+    python -m engine.world.build vae      # ~6 min on 2 CPU cores
     python -m engine.world.build model    # ~13 min: text encoders + transformer, 2600 steps (needs the VAE)
-    python -m engine.world.build model --resume --steps 3400   # ~16 min: the committed model's second round
-    python -m engine.world.build reward   # ~6 min: the CLIP reward
+    python -m engine.world.build model --resume --steps 3400   # ~18 min: the committed model's second round
+    python -m engine.world.build reward   # ~5 min: the CLIP reward
     python -m engine.world.build all
 
 Each stage writes into a temporary folder and moves it into place when it finishes (a crash leaves the committed
