@@ -28,13 +28,9 @@ def embedded_prompts() -> list[str]:
     return [p.text for p in prompt_set("finetune", EMBEDDED_PER_CATEGORY)]
 
 
-def embedded_eval_prompts() -> list[str]:
-    """The default evaluation prompts: 8 per category of the world's held-out split (48)."""
-    return [p.text for p in embedded_eval_specs()]
-
-
 def embedded_eval_specs():
-    """The default evaluation prompts as world ``Prompt``s: their GenEval category and spec, for the judge."""
+    """The default evaluation prompts, 8 per category of the world's held-out split (48), as world ``Prompt``s:
+    caption, GenEval category and spec, for the judge."""
     from engine.world.evaluate import prompt_set
 
     return prompt_set("heldout", EMBEDDED_EVAL_PER_CATEGORY)

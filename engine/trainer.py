@@ -444,8 +444,8 @@ class Trainer:
         _, trajectory = self._rollout(prompts, list(range(len(prompts))), steps, keep=[steps])
         images = self.adapter.decode(trajectory.latent(steps, self.device, torch.float32), height, width)
         scores = self.criterion(images, prompts)[1]
-        judged = _judge(images, self.eval_specs or prompts)
-        if self.rank == 0:
+        if self.rank == 0:  # only rank 0 writes: the judge (host-side segmentation) runs here alone
+            judged = _judge(images, self.eval_specs or prompts)
             path = self.out / "images" / f"{tag}.png"
             save_grid(images.float().cpu(), [f"{p} ({s:.3f})" for p, s in zip(prompts, scores.tolist())], path)
             # The numbers behind the grid, so a reloaded export can be checked against what the engine produced.
@@ -475,7 +475,7 @@ def _judge(images: torch.Tensor, prompts: list) -> dict[str, float] | None:
     specs = [p if not isinstance(p, str) else world_prompt(p) for p in prompts]
     if any(spec is None for spec in specs):
         return None
-    return {k: round(float(v), 4) for k, v in judge_report(images.float().cpu(), specs).items()}
+    return judge_report(images.float().cpu(), specs)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -34,6 +34,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from engine.memory import TINY_FLUX_TRANSFORMER
+
 logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 4
@@ -180,21 +182,11 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _clip_tokenizer(Path(scratch))
         tokenizer_2 = _t5_tokenizer(Path(scratch))
-    clip_dim, t5_dim = 32, 32
+    # One config for the builder and the memory planner's "tiny" rows (engine/memory.py).
+    clip_dim, t5_dim = TINY_FLUX_TRANSFORMER["pooled_projection_dim"], TINY_FLUX_TRANSFORMER["joint_attention_dim"]
     text_encoder = CLIPTextModel(_clip_config(tokenizer, clip_dim))
     text_encoder_2 = _t5_encoder(tokenizer_2, t5_dim)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=LATENT_CHANNELS * 4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=t5_dim,
-        pooled_projection_dim=clip_dim,
-        guidance_embeds=True,
-        axes_dims_rope=[4, 4, 8],
-    )
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
     scheduler = flux_scheduler()
     pipeline = FluxPipeline(
         scheduler=scheduler,

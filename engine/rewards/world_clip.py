@@ -14,21 +14,19 @@ import torch
 
 from engine.rewards.base import RewardSpec, register
 from engine.rewards.hps import HPSReward, load_hps
+from engine.world.build import REWARD_DIR, REWARD_FILE
 
-FILE_NAME = "world_clip.pt"
 DEFAULT_LAM = 0.9
 DEFAULT_ALPHA = 0.3
 
 
 def load_world_clip(path: str | None, device: torch.device, dtype: torch.dtype) -> HPSReward:
-    from engine.world.build import REWARD_DIR
-
     return load_hps(
         "world_clip",
         path or REWARD_DIR,
         device,
         dtype,
-        file_name=FILE_NAME,
+        file_name=REWARD_FILE,
         default_lam=DEFAULT_LAM,
         default_alpha=DEFAULT_ALPHA,
     )
@@ -39,6 +37,6 @@ register(
         "world_clip",
         load_world_clip,
         needs_path=False,
-        files=f"{FILE_NAME} with open_clip_config.json beside it (null = the committed engine/world/assets/reward)",
+        files=f"{REWARD_FILE} with open_clip_config.json beside it (null = the committed engine/world/assets/reward)",
     )
 )

@@ -127,6 +127,11 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    """``uint8 [N, H, W, 3]`` → float ``[N, 3, H, W]`` in [0, 1] (what rewards take)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
 def _to_pixels(images: np.ndarray) -> torch.Tensor:
     """``uint8 [N, H, W, 3]`` → float ``[N, 3, H, W]`` in [-1, 1] (the VAE's range)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -416,7 +421,7 @@ def train_reward(
     negatives = [hard_negatives(p, rng) for p in prompts]
     from engine.rewards import preprocess
 
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    pixels = _to_unit(images)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -482,7 +487,7 @@ def reward_accuracy(model, tokenizer, seed: int, n: int = 600) -> dict:
 
     images, prompts = sample_dataset(n, seed=seed, size=IMAGE_SIZE)
     rng = np.random.default_rng(seed)
-    x = preprocess.clip_longest_pad(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0, IMAGE_SIZE)
+    x = preprocess.clip_longest_pad(_to_unit(images), IMAGE_SIZE)
     features = model.encode_image(x, normalize=True)
     wins: dict[str, list[bool]] = {}
     scores = []

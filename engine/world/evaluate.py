@@ -93,10 +93,10 @@ def generate(
     return torch.cat(images)
 
 
-def judge_report(images: torch.Tensor, prompts: Sequence[Prompt]) -> dict:
-    """``{"overall": ..., <category>: ...}`` by GenEval's rules."""
+def judge_report(images: torch.Tensor, prompts: Sequence[Prompt]) -> dict[str, float]:
+    """``{"overall": ..., <category>: ...}`` by GenEval's rules, rounded to 4 decimals (as recorded)."""
     result = evaluate(images, prompts)
-    return {"overall": result.overall, **result.per_category}
+    return {k: round(float(v), 4) for k, v in {"overall": result.overall, **result.per_category}.items()}
 
 
 def evaluate_model(
@@ -109,6 +109,4 @@ def evaluate_model(
     prompts = prompt_set(split, per_category)
     seeds = [seed * 100_003 + i for i in range(len(prompts))]
     images = generate(adapter, [p.text for p in prompts], seeds, num_steps=num_steps)
-    report = {"judge": judge_report(images, prompts), "split": split, "prompts": len(prompts), "seed": seed}
-    report["judge"] = {k: round(float(v), 4) for k, v in report["judge"].items()}
-    return report
+    return {"judge": judge_report(images, prompts), "split": split, "prompts": len(prompts), "seed": seed}
