@@ -33,7 +33,8 @@ Usage:
 
 Outputs (``benchmarks/results/``): ``memory_vs_depth_<device>.{jsonl,md}``,
 ``saved_vs_depth_and_T_<model>_<res>_<device>.png``, ``calibration.json`` (the planner's fitted constants, from
-isolated tiny passes) and ``planner_error.md``.
+isolated tiny passes) and ``planner_error.md``. The planner reads ``engine/calibration.json`` (shipped with the
+package): copy a new fit there to use it.
 """
 
 from __future__ import annotations

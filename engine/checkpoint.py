@@ -16,7 +16,6 @@ checkpoint or the new one, never a half-written one that looks complete. The las
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -139,33 +138,41 @@ def _consolidated_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
     engine = trainer.engine
     # ZeRO-3: gathers the partitions, rank 0 gets the tensors. Stages 0-2 hold full parameters on every rank.
     state = engine._zero3_consolidated_16bit_state_dict() if trainer.zero_stage == 3 else engine.module.state_dict()
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()} if trainer.rank == 0 else {}
+    # A copy even on CPU ranks, where .cpu() would alias the live (gathered or persistent) parameter storage.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()} if trainer.rank == 0 else {}
 
 
 def export(trainer: Trainer) -> Path:
     """Write diffusers-loadable weights of the trained (and EMA) transformer to ``<output_dir>/export``.
 
-    Weights keep the training precision (bf16 runs export bf16, as DeepSpeed's 16-bit consolidation gives them).
+    Weights keep the training precision (bf16 runs export bf16, as DeepSpeed's 16-bit consolidation gives them);
+    the EMA is assembled from its float32 shards of the master weights, one parameter at a time, and rounded to
+    the same precision.
 
     Full fine-tuning: ``export/transformer`` (config.json + safetensors) loads with ``<Model>.from_pretrained``.
     LoRA: ``export/lora`` loads with the pipeline's ``load_lora_weights``. Never ``save_pretrained`` on a ZeRO-3
     module: its parameters are empty partitions there.
     """
     out = trainer.out / "export"
-    variants = [("", contextlib.nullcontext())]
+    state = _consolidated_state_dict(trainer)
+    if trainer.rank == 0:
+        _write_export(trainer, state, out, "")
     if trainer.ema is not None:
-        variants.append(("_ema", trainer.ema.swapped_in()))
-    for suffix, context in variants:
-        with context:
-            state = _consolidated_state_dict(trainer)
+        # Replace the trained entries in place: rank 0 holds one 16-bit copy of the model plus one fp32 tensor.
+        for index, name in enumerate(trainer.trainable_names):
+            full = trainer.ema.full(index)  # a collective: every rank, in the same order
+            if trainer.rank == 0:
+                state[name] = full.to(dtype=state[name].dtype, device="cpu").contiguous()
         if trainer.rank == 0:
-            _write_export(trainer, state, out, suffix)
+            _write_export(trainer, state, out, "_ema")
     dist.barrier()
     return out
 
 
 def _write_export(trainer: Trainer, state: dict[str, torch.Tensor], out: Path, suffix: str) -> None:
     from safetensors.torch import save_file
+
+    from engine.models.loading import strip_machine_paths
 
     module = trainer.engine.module
     if trainer.cfg.optim.lora_rank > 0:
@@ -179,6 +186,7 @@ def _write_export(trainer: Trainer, state: dict[str, torch.Tensor], out: Path, s
         target = out / f"transformer{suffix}"
         target.mkdir(parents=True, exist_ok=True)
         module.save_config(str(target))  # config.json only: ConfigMixin, no weights involved
+        strip_machine_paths(target)
         save_file(state, str(target / "diffusion_pytorch_model.safetensors"))
     logger.info("exported %s", target)
 

@@ -397,6 +397,9 @@ class LoggingConfig(_Section):
     image_every: int = _field(0, "log evaluation images every this many steps; 0 = at the start and end only")
     tensorboard: bool = _field(True, "write TensorBoard events under output_dir")
     progress: bool = _field(True, "show a progress bar on rank 0")
+    eval_weights: Literal["trained", "ema"] = _field(
+        "trained", "weights the evaluation grids sample: the trained ones, or their EMA (the paper evaluates the EMA)"
+    )
 
     def _validate(self) -> None:
         self._positive("log_every")
@@ -437,6 +440,9 @@ class TrainConfig(_Section):
                     f"repeats rewards.{seen[reward.name]}; merge them into one entry with a larger weight",
                 )
             seen[reward.name] = index
+        if self.logging.eval_weights == "ema" and self.optim.ema_decay is None:
+            fix = "needs an EMA; set optim.ema_decay (paper: 0.995) or eval_weights: trained"
+            _fail("logging.eval_weights", "ema", fix)
         self._validate_method()
 
     def _validate_method(self) -> None:

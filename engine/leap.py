@@ -144,7 +144,8 @@ def similarity_weight(distances: torch.Tensor, tau: float = 0.1) -> torch.Tensor
 
 def hinge(reward: torch.Tensor, lam: float) -> torch.Tensor:
     """Hinge objective ``max(0, λ - r)`` per sample (Eq. 11): no push once the reward reaches λ."""
-    return torch.clamp(lam - reward, min=0.0)
+    # relu, not clamp: at r = λ its gradient is 0 on every torch (torch 2.6's clamp gives −1 there).
+    return torch.relu(lam - reward)
 
 
 # ----------------------------------------------------------------------------------------------------------------

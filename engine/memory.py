@@ -409,15 +409,21 @@ class Calibration:
     source: str = "defaults (run benchmarks/memory_vs_depth.py to fit)"
 
 
-CALIBRATION_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "calibration.json"
+# Shipped with the package (setup.py package_data): an installed copy plans with the constants that were measured.
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
 
 def load_calibration(path: str | Path | None = None) -> Calibration:
-    """The fitted constants from ``benchmarks/results/calibration.json`` when present, else the defaults."""
+    """The fitted constants from ``path`` (default: ``engine/calibration.json``, written from
+    ``benchmarks/memory_vs_depth.py``'s fit); a missing or unreadable file is an error, never silent defaults."""
     path = Path(path) if path is not None else CALIBRATION_FILE
-    if path.exists():
+    try:
         return Calibration(**json.loads(path.read_text()))
-    return Calibration()
+    except (OSError, ValueError, TypeError) as error:
+        raise FileNotFoundError(
+            f"planner calibration {path} is missing or unreadable ({type(error).__name__}: {error}); reinstall the "
+            "package (it ships engine/calibration.json) or refit it with benchmarks/memory_vs_depth.py"
+        ) from None
 
 
 def transformer_units(spec: ModelSpec, height: int, width: int, batch_size: int = 1) -> int:

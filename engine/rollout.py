@@ -132,7 +132,8 @@ def rollout(
 
     The running latent is kept in ``dtype`` and cast explicitly (no autocast), as a bf16 sampler does; the
     velocity then runs in the transformer's parameter dtype (bf16 for a bf16 model or DeepSpeed bf16 engine) and
-    each Euler update is computed in float32 and rounded back to ``dtype``, as the diffusers scheduler does.
+    each Euler update rounds as the diffusers scheduler's does (dt·v in v's dtype, the sum in float32, then
+    ``dtype``), so that a bf16 rollout equals the bf16 pipeline bit for bit.
 
     Args:
         adapter: The model adapter; its ``velocity`` applies CFG where the model needs it.
@@ -178,7 +179,9 @@ def rollout(
         v = adapter.velocity(x, grid[i].expand(batch_size), cond, **velocity_kwargs)
         # dt < 0: the step moves from noise towards data.
         dt = grid[i + 1] - grid[i]
-        x = (x.float() + dt * v.float()).to(dtype)
+        # As FlowMatchEulerDiscreteScheduler.step: the 0-dim float32 dt does not promote v, so dt·v is formed in
+        # v's dtype (bf16 in a bf16 rollout) and added to the float32 latent; the sum is rounded back to `dtype`.
+        x = (x.float() + dt * v).to(dtype)
         if i + 1 in positions:
             cache[i + 1] = _to_host(x)
 

@@ -13,6 +13,7 @@ draws come from a generator seeded identically everywhere.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -73,7 +74,8 @@ class Trainer:
     """Owns the adapter, the DeepSpeed engine, the objective, EMA, metrics and checkpoints of one run."""
 
     def __init__(self, cfg: TrainConfig, ds_config: dict):
-        self.cfg = cfg
+        self.cfg = copy.deepcopy(cfg)  # defaults resolved below (λ, α) are written into this copy and config.yaml
+        cfg = self.cfg
         self.ds_config = ds_config
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -102,6 +104,7 @@ class Trainer:
         self._build_engine()
         self.ema = None
         if cfg.optim.ema_decay is not None:
+            # After deepspeed.initialize: the EMA averages the optimizer's fp32 masters, kept where they live.
             self.ema = ShardedEMA(self.trainable, cfg.optim.ema_decay, self.rank, self.world_size)
         self.step = 0
         self.skipped_steps = 0
@@ -170,6 +173,7 @@ class Trainer:
         for reward_cfg in self.cfg.rewards:
             reward = load_reward(reward_cfg.name, reward_cfg.path, self.device, torch.float32)
             lam = reward_cfg.lam if reward_cfg.lam is not None else reward.default_lam
+            reward_cfg.lam = lam  # the value used, for config.yaml
             terms.append(HingeTerm(reward, lam, reward_cfg.weight))
             self.rewards.append(reward)
         self.criterion = RewardCriterion(terms)
@@ -178,6 +182,7 @@ class Trainer:
         m, steps, seed = self.cfg.method, self.cfg.rollout.num_steps, self.cfg.optim.seed
         if m.objective == "leapalign":
             alpha = m.alpha if m.alpha is not None else self.rewards[0].default_alpha
+            m.alpha = alpha  # the value used, for config.yaml
             return build_objective(
                 "leapalign",
                 steps,
@@ -201,7 +206,9 @@ class Trainer:
         return build_objective(m.objective, steps, seed=seed, **options)
 
     def _build_engine(self) -> None:
-        self.trainable = [p for p in self.transformer.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+        self.trainable_names = [n for n, _ in named]
+        self.trainable = [p for _, p in named]
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.transformer, model_parameters=self.trainable, config=self.ds_config
         )
@@ -397,10 +404,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ outputs
 
     def _log(self, loss, reward, outputs, timer: StepTimer, applied: bool) -> dict:
-        # Reduce the logged scalars across ranks in one collective (sync point: logging steps only).
+        # Per-method scalars: the mean over this step's micro-batches, then over ranks in one collective
+        # (sync point: logging steps only).
         first = outputs[0].metrics
         keys = [k for k, v in first.items() if isinstance(v, torch.Tensor | float | int)]
-        local = [float(loss), float(reward.mean())] + [float(first[k]) for k in keys]
+        local = [float(loss), float(reward.mean())]
+        local += [sum(float(o.metrics[k]) for o in outputs) / len(outputs) for k in keys]
         values = torch.tensor(local, dtype=torch.float64)
         dist.all_reduce(values)
         values /= self.world_size
@@ -441,7 +450,10 @@ class Trainer:
         prompts = self.eval_prompts
         height, width = cfg.model.height, cfg.model.width
         steps = cfg.rollout.eval_num_steps or cfg.rollout.num_steps
-        _, trajectory = self._rollout(prompts, list(range(len(prompts))), steps, keep=[steps])
+        weights = cfg.logging.eval_weights
+        swap = self.ema.swapped_in() if weights == "ema" and self.ema is not None else contextlib.nullcontext()
+        with swap:
+            _, trajectory = self._rollout(prompts, list(range(len(prompts))), steps, keep=[steps])
         images = self.adapter.decode(trajectory.latent(steps, self.device, torch.float32), height, width)
         scores = self.criterion(images, prompts)[1]
         if self.rank == 0:  # only rank 0 writes: the judge (host-side segmentation) runs here alone
@@ -454,6 +466,7 @@ class Trainer:
                 "seeds": list(range(len(prompts))),
                 "num_steps": steps,
                 "rollout_dtype": cfg.rollout.dtype,
+                "weights": weights,
                 "reward": scores.tolist(),
                 "step": self.step,
             }

@@ -4,7 +4,7 @@
 
 Prints the breakdown of ``engine.memory.plan_memory`` (parameters, gradients, optimizer states, rollout gathered
 copy, gradient-pass activations, reward/VAE graph, reserve) and whether it fits; exits 1 when it does not.
-Activation constants come from ``benchmarks/results/calibration.json`` (fitted by
+Activation constants come from ``engine/calibration.json`` (shipped with the package; fitted by
 ``benchmarks/memory_vs_depth.py``); errors of the formula against measured rows:
 ``benchmarks/results/planner_error.md``.
 """

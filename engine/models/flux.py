@@ -318,10 +318,13 @@ class FluxAdapter:
         guidance = None
         if self.transformer_config.guidance_embeds:
             guidance = torch.full((batch_size,), guidance_scale, device=x.device, dtype=torch.float32)
-        # The pipeline passes sigma (its timestep / 1000); the transformer multiplies by 1000 inside.
+        # FluxPipeline passes its timestep (sigma · 1000, float32) cast to the latents' dtype, then divided by 1000
+        # in that dtype; the transformer multiplies by 1000 inside. Rounding as it does matters in bf16: bf16(sigma)
+        # and bf16(bf16(sigma · 1000) / 1000) can be a bf16 step apart (7 of 28 steps at 1024²).
+        timestep = (t.to(device=x.device, dtype=torch.float32) * 1000).to(model_dtype) / 1000
         out = module(
             hidden_states=x.to(model_dtype),
-            timestep=t.to(device=x.device, dtype=model_dtype),
+            timestep=timestep,
             guidance=guidance,
             pooled_projections=cond.pooled.to(device=x.device, dtype=model_dtype),
             encoder_hidden_states=cond.prompt_embeds.to(device=x.device, dtype=model_dtype),

@@ -7,6 +7,7 @@ what is missing and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -156,3 +157,38 @@ def load_components(
         else:
             loaded[name] = cls.from_pretrained(folder, subfolder=name, **local)
     return loaded
+
+
+def strip_machine_paths(folder: str | Path) -> None:
+    """Drops ``_name_or_path`` from every ``config.json`` under ``folder`` when it names a path on this machine.
+
+    diffusers' ``save_pretrained``/``save_config`` record where a model was loaded from; a folder that is committed,
+    shipped or copied to another machine must not carry that path.
+    """
+    for config in Path(folder).rglob("config.json"):
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if Path(str(data.get("_name_or_path", ""))).is_absolute():
+            del data["_name_or_path"]
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory); buffers stay real.
+
+    Each parameter is still allocated for a moment as its module creates it (one parameter at a time), then
+    replaced by a meta tensor of the same shape; weights then come in through ``load_state_dict(assign=True)``.
+    Buffers, often computed in ``__init__`` and absent from checkpoints (rotary ``inv_freq``), keep their values.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original

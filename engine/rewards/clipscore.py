@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from engine.models.base import transformers_dtype_kwargs
 from engine.rewards import preprocess
 from engine.rewards.base import RewardSpec, register
 
@@ -92,7 +93,7 @@ def load_hf_clip(
     try:
         # local_files_only: never a hub, even if HF_HUB_OFFLINE is unset; pytorch_model.bin goes through
         # torch.load(weights_only=True) inside transformers; remote code is never trusted (the default).
-        model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, **transformers_dtype_kwargs(dtype))
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as err:  # transformers raises OSError, ValueError, safetensors errors, ... for bad folders
         raise _fail(reward, path, f"{type(err).__name__}: {err}", files) from err

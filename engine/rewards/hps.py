@@ -163,6 +163,17 @@ def load_hps(
             f"does not match open_clip {arch}: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected {unexpected[:3]}",
         )
+    # Shapes checked here: some torch versions (2.5, 2.6) copy a [3] tensor into a scalar parameter silently.
+    own = model.state_dict()
+    wrong = [k for k in sorted(expected) if tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise _fail(
+            name,
+            checkpoint,
+            f"does not match open_clip {arch}: size mismatch for {len(wrong)} tensor(s), e.g. {k} "
+            f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}",
+        )
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:  # same keys, wrong shapes: another architecture

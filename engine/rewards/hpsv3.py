@@ -180,9 +180,11 @@ def _convert_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_hpsv3(path: str | os.PathLike | None, device: torch.device, dtype: torch.dtype) -> HPSv3Reward:
     import json
 
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.initialization import no_init_weights
+
+    from engine.models.loading import parameters_on_meta
+    from engine.models.safetensors_io import SafetensorsError, iter_tensors, read_header
 
     folder = Path(path)
     if not folder.is_dir():
@@ -212,38 +214,52 @@ def load_hpsv3(path: str | os.PathLike | None, device: torch.device, dtype: torc
         raise _fail(base / "config.json", f"model_type {config.model_type!r} is not 'qwen2_vl'")
     tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})  # as the reference does
     reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
+    # Host memory: the header first (names, shapes), the model on the meta device, then one tensor at a time into
+    # memory the model keeps (assign=True): one copy of the weights, never the file's dict plus the model's.
     try:
-        state = _convert_keys(load_file(folder / CHECKPOINT))
-    except Exception as err:
-        raise _fail(folder / CHECKPOINT, f"unreadable safetensors: {type(err).__name__}: {err}") from err
-    embed = state.get("model.language_model.embed_tokens.weight")
+        header = read_header(folder / CHECKPOINT)
+    except SafetensorsError as err:
+        raise _fail(folder / CHECKPOINT, f"unreadable safetensors: {err}") from err
+    shapes = _convert_keys({name: info.shape for name, info in header.items()})
+    renamed = dict(zip(header, shapes))  # file name -> model name
+    embed = shapes.get("model.language_model.embed_tokens.weight")
     if embed is None:
         raise _fail(folder / CHECKPOINT, "no embed_tokens weight: not a Qwen2-VL reward model state dict")
-    if embed.shape[0] != len(tokenizer):
-        raise _fail(
-            folder / CHECKPOINT, f"{embed.shape[0]} embedding rows, tokenizer+{REWARD_TOKEN} has {len(tokenizer)}"
-        )
-    config.text_config.vocab_size = embed.shape[0]  # the reference resize_token_embeddings(len(tokenizer))
-    if "rm_head.weight" in state:
-        rm_head = nn.Linear(embed.shape[1], state["rm_head.weight"].shape[0], bias=False)
-    elif "rm_head.0.weight" in state and "rm_head.5.weight" in state:
-        rm_head = ranknet_head(embed.shape[1], state["rm_head.5.weight"].shape[0])
+    if embed[0] != len(tokenizer):
+        raise _fail(folder / CHECKPOINT, f"{embed[0]} embedding rows, tokenizer+{REWARD_TOKEN} has {len(tokenizer)}")
+    config.text_config.vocab_size = embed[0]  # the reference resize_token_embeddings(len(tokenizer))
+    if "rm_head.weight" in shapes:
+        rm_head = nn.Linear(embed[1], shapes["rm_head.weight"][0], bias=False)
+    elif "rm_head.0.weight" in shapes and "rm_head.5.weight" in shapes:
+        rm_head = ranknet_head(embed[1], shapes["rm_head.5.weight"][0])
     else:
         raise _fail(folder / CHECKPOINT, "no rm_head.weight or rm_head.{0,3,5}.weight (HPSv3 reward head)")
-    head_state = {k.removeprefix("rm_head."): v for k, v in state.items() if k.startswith("rm_head.")}
-    state = {k: v for k, v in state.items() if not k.startswith("rm_head.")}
     try:
-        rm_head.load_state_dict(head_state, strict=True)
-        with no_init_weights():  # every weight comes from the checkpoint
+        with no_init_weights(), parameters_on_meta():  # every weight comes from the checkpoint
             model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-        expected = set(model.state_dict())
-        missing_keys, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        body = {k: v for k, v in shapes.items() if not k.startswith("rm_head.")}
+        missing_keys, unexpected = sorted(set(expected) - set(body)), sorted(set(body) - set(expected))
         if missing_keys or unexpected:
             raise RuntimeError(
                 f"{len(missing_keys)} missing keys {missing_keys[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
             )
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+        wrong = [k for k in sorted(body) if tuple(body[k]) != expected[k]]
+        if wrong:
+            raise RuntimeError(f"size mismatch for {wrong[0]}: {tuple(body[wrong[0]])} vs {expected[wrong[0]]}")
+        state, head_state = {}, {}
+        for name, tensor in iter_tensors(folder / CHECKPOINT):
+            key = renamed[name]
+            if key.startswith("rm_head."):
+                head_state[key.removeprefix("rm_head.")] = tensor
+            else:
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        rm_head.load_state_dict(head_state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
+        del state
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+    except (RuntimeError, SafetensorsError) as err:
         why = str(err).strip().splitlines()
         raise _fail(
             folder / CHECKPOINT, f"does not match Qwen2-VL from config.json: {why[-1] if why else err}"

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.models.loading import strip_machine_paths
 from engine.world.scenes import (
     COLORS,
     MAX_COUNT,
@@ -215,6 +216,7 @@ def train_vae(
     tmp = out / ".vae.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
+    strip_machine_paths(tmp)
     settings = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "images": num_images}
     _record(tmp, "vae", settings, seconds, metrics)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,6 +351,7 @@ def pretrain_model(
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     ).save_pretrained(tmp)
+    strip_machine_paths(tmp)
     shutil.copy(out / "vae" / "TRAINING.json", tmp / "vae" / "TRAINING.json")
     from engine.world.evaluate import evaluate_model
 

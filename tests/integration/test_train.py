@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,11 +23,13 @@ pytestmark = pytest.mark.integration
 TIMING_KEYS = ("time_", "peak_")
 
 
-def write_ds_config(path: Path, *, micro_batch: int = 2, stage: int = 3, precision: str = "fp32", lr: float = 1e-3):
+def write_ds_config(
+    path: Path, *, micro_batch: int = 2, stage: int = 3, precision: str = "fp32", lr: float = 1e-3, accumulation=1
+):
     config = {
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 1e-4, "torch_adam": True}},
         "zero_optimization": {
@@ -130,7 +133,34 @@ def test_main_trains_writes_metrics_images_checkpoint_and_export(tiny_flux_dir, 
     assert changed, "training must change the exported weights"
     engine_outputs_reproduced(tiny_flux_dir, out, exported)
     ema = load_file(out / "export" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
-    assert ema.keys() == load_file(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors").keys()
+    trained = load_file(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+    base = load_file(Path(tiny_flux_dir) / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert ema.keys() == trained.keys() == base.keys()
+
+    def distance(a, b):
+        return sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a).sqrt().item()
+
+    # The EMA (decay 0.995, 3 steps) lies between the base and the trained weights: it moved, but less.
+    assert 0 < distance(ema, base) < distance(trained, base), (distance(ema, base), distance(trained, base))
+    # config.yaml records the values used, not the nulls that asked for the reward's defaults.
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["method"]["alpha"] == 0.3 and resolved["rewards"][0]["lam"] == 0.9, resolved
+
+
+def test_per_method_metrics_are_averaged_over_micro_batches(tiny_flux_dir, tmp_path):
+    from engine.objectives import build_objective
+
+    ds_json = write_ds_config(tmp_path / "ds.json", micro_batch=1, accumulation=2)
+    out = tmp_path / "run"
+    assert run_cli(ds_json, base_overrides(tiny_flux_dir, out, steps=4)) == 0
+    rows = read_metrics(out)
+    # The same shared draws the trainer made: one plan per micro-batch, two micro-batches per step.
+    objective = build_objective("leapalign", 6, n_leaps=2, alpha=0.3, seed=0)
+    for row in rows:
+        levels = [objective.plan().draws["levels"][0] for _ in range(2)]
+        assert row["k"] == pytest.approx(sum(lv[0] for lv in levels) / 2)
+        assert row["j"] == pytest.approx(sum(lv[1] for lv in levels) / 2)
+    assert any(row["k"] != int(row["k"]) for row in rows) or len({r["k"] for r in rows}) > 1
 
 
 def test_resume_equals_uninterrupted_run(tiny_flux_dir, tmp_path):
@@ -211,3 +241,23 @@ def test_sd3_trains_with_true_cfg_and_exports(tiny_sd3_dir, tmp_path):
     assert all(r["applied"] and r["grad_norm"] > 0 for r in rows)
     exported = SD3Transformer2DModel.from_pretrained(out / "export" / "transformer")
     assert sum(p.numel() for p in exported.parameters()) > 0
+
+
+def test_eval_grid_can_sample_the_ema_weights(tiny_flux_dir, tmp_path):
+    """logging.eval_weights=ema: the end grid is the EMA model's (reproduced from the EMA export), and the trained
+    weights are untouched by the swap (the trained export still reproduces a trained-weights grid elsewhere)."""
+    from diffusers import FluxTransformer2DModel
+
+    ds_json = write_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "run"
+    extra = {"optim.ema_decay": 0.5, "logging.eval_weights": "ema", "rewards.0.name": "world_clip"}
+    assert run_cli(ds_json, base_overrides(tiny_flux_dir, out, steps=2, **extra)) == 0
+    record = json.loads((out / "images" / "end.json").read_text())
+    assert record["weights"] == "ema"
+    engine_outputs_reproduced(
+        tiny_flux_dir, out, FluxTransformer2DModel.from_pretrained(out / "export" / "transformer_ema")
+    )
+    with pytest.raises(AssertionError):  # the trained weights give another grid
+        engine_outputs_reproduced(
+            tiny_flux_dir, out, FluxTransformer2DModel.from_pretrained(out / "export" / "transformer")
+        )

@@ -10,9 +10,8 @@ HEIGHT = WIDTH = 32
 STEPS = 25
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon"]
 NEGATIVES = ["blurry", "low quality"]
-# fp32 parity with the pipeline: the same calls in the same order, bit-exact on CPU as measured. The tolerance
-# only allows for FLUX's timestep, which the pipeline forms as (sigma · 1000) / 1000 and we pass as sigma (at most
-# an ulp apart), and for other kernels on other hardware.
+# fp32 parity with the pipeline: the same calls in the same order (FLUX's timestep formed as the pipeline forms
+# it, (sigma · 1000) / 1000), bit-exact on CPU as measured. The tolerance allows for other kernels on other hardware.
 PARITY_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
@@ -41,6 +40,32 @@ def test_flux_rollout_equals_pipeline(flux_adapter, tiny_flux_dir):
     torch.testing.assert_close(trajectory.x0, expected, **PARITY_TOL)
     # The grid is exactly the scheduler's sigmas after the pipeline ran.
     torch.testing.assert_close(times, pipeline.scheduler.sigmas.cpu(), rtol=0, atol=0)
+
+
+def test_flux_bf16_rollout_equals_bf16_pipeline(tiny_flux_dir):
+    """bf16 end to end (encoders, transformer, latents): the same rounding as FluxPipeline, timestep included."""
+    from engine.models import FluxAdapter
+
+    adapter = FluxAdapter.from_pretrained(tiny_flux_dir, device="cpu", dtype=torch.bfloat16)
+    cond, x1, times = _setup(adapter, [0, 1], PROMPTS)
+    x1 = x1.to(torch.bfloat16)
+    trajectory = rollout(adapter, cond, x1, times, guidance_scale=3.5, dtype=torch.bfloat16)
+
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True, torch_dtype=torch.bfloat16)
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(
+        PROMPTS,
+        latents=x1.clone(),
+        output_type="latent",
+        num_inference_steps=STEPS,
+        guidance_scale=3.5,
+        height=HEIGHT,
+        width=WIDTH,
+        max_sequence_length=adapter.max_sequence_length,
+    ).images
+    assert trajectory.x0.dtype == expected.dtype == torch.bfloat16
+    # Bit-exact on CPU as measured; a timestep one bf16 step off changes x_0 by ~1e-2 here.
+    torch.testing.assert_close(trajectory.x0, expected, rtol=0, atol=0)
 
 
 def test_sd3_rollout_with_cfg_equals_pipeline(sd3_adapter, tiny_sd3_dir):

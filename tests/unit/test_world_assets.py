@@ -66,7 +66,8 @@ def test_generate_is_per_sample_seeded(world_adapter):
     prompts = ["a red circle", "a blue square", "three green triangles"]
     together = generate(world_adapter, prompts, [5, 6, 7], num_steps=4)
     alone = generate(world_adapter, prompts[1:2], [6], num_steps=4)
-    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=0)
+    # Batch size changes kernel blocking: measured 1.7e-5 at most on torch 2.5/2.6 (2 of 3072 values), 0 on 2.14.
+    torch.testing.assert_close(together[1:2], alone, atol=5e-5, rtol=0)
     assert together.shape == (3, 3, 32, 32) and together.min() >= 0 and together.max() <= 1
 
 
