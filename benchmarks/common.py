@@ -42,12 +42,13 @@ def _version(module: str) -> str | None:
         return None
 
 
-def stamp(device: torch.device) -> dict:
+def stamp(device: torch.device, repo: Path = ROOT) -> dict:
+    """Device, versions, the commit of ``repo`` (the tree whose code ran) and whether it was dirty, and the date."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout)
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {

@@ -44,6 +44,42 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_shared_folder(folder: Path, rank: int, world_size: int) -> None:
+    """Several ranks (nodes): checks that ``folder`` is the same folder on every rank, else one-line ValueError.
+
+    Checkpoints are written by every rank into one folder and completed by rank 0; the embedding store is built by
+    all ranks and read by each. Both need one filesystem that every node mounts. Rank 0 writes a token; every rank
+    must read it back.
+    """
+    if world_size == 1:
+        return
+    import secrets
+
+    folder = Path(folder)
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = folder / f".shared-check-{token[0]}"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(marker, token[0])
+    dist.barrier()
+    try:
+        seen = marker.read_text() == token[0]
+    except OSError:
+        seen = False
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, seen)  # objects: works under gloo and NCCL alike
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    blind = [r for r, ok in enumerate(everyone) if not ok]
+    if blind:
+        raise ValueError(
+            f"{folder} is not the same folder on every rank (ranks {blind} cannot see what rank 0 wrote there): put "
+            "output_dir and data.embedding_cache on a filesystem every node mounts (NFS, Lustre, ...); node-local "
+            "disks cannot hold one checkpoint or one embedding store"
+        )
+
+
 def latest_complete(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (or ``root`` itself if it is one), else None."""
     root = Path(root)

@@ -207,6 +207,9 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = _field(True, "recompute transformer blocks in backward")
     vae_gradient_checkpointing: bool = _field(True, "recompute VAE decoder blocks in the reward backward")
     frozen_dtype: Literal["fp32", "bf16", "fp16"] = _field("bf16", "dtype of the frozen VAE, text encoders, rewards")
+    text_encoder_device: str | None = _field(
+        None, "device the text encoders run on while prompts are encoded (e.g. cpu); null = the training device"
+    )
 
     def _validate(self) -> None:
         for name in ("height", "width"):
@@ -330,6 +333,9 @@ class DataConfig(_Section):
     )
     eval_prompts: str | None = _field(None, "evaluation prompts, same format; null = the world's held-out prompts")
     shuffle: bool = _field(True, "shuffle the training prompts each epoch")
+    embedding_cache: str | None = _field(
+        None, "folder of the prompt-embedding store (reused across runs); null = <output_dir>/embeddings"
+    )
 
     def _validate(self) -> None:
         for name in ("prompts", "eval_prompts"):

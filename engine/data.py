@@ -50,6 +50,23 @@ def read_prompts(path: str, field: str = "data.prompts") -> list[str]:
     return prompts
 
 
+def run_prompts(data) -> tuple[list[str], list[str], list | None]:
+    """A run's (training prompts, evaluation prompts, world specs of the evaluation prompts or None).
+
+    ``data`` is the config's ``data`` section. With no prompt file the world's fine-tuning split trains and its
+    held-out split (with specs, for the judge) evaluates; with a prompt file and no eval file, its first 4 prompts.
+    """
+    prompts = read_prompts(data.prompts) if data.prompts else embedded_prompts()
+    eval_prompts = read_prompts(data.eval_prompts, "data.eval_prompts") if data.eval_prompts else None
+    specs = None
+    if eval_prompts is None and data.prompts is None:
+        specs = embedded_eval_specs()
+        eval_prompts = [p.text for p in specs]
+    elif eval_prompts is None:
+        eval_prompts = prompts[:4]
+    return prompts, eval_prompts, specs
+
+
 class PromptOrder:
     """Deterministic prompt order over epochs; ``window(step)`` gives the global batch of a step."""
 

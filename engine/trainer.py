@@ -29,18 +29,26 @@ import torch.distributed as dist
 
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, deepspeed_precision, save_config
-from engine.data import PromptOrder, embedded_eval_specs, embedded_prompts, read_prompts
+from engine.data import PromptOrder, run_prompts
 from engine.ema import ShardedEMA
 from engine.models import FluxAdapter, SD3Adapter
-from engine.models.base import Conditioning
+from engine.models.partitioned import build_partitioned, fix_mmap_threshold
 from engine.objectives import Objective, StepBatch, build_objective
 from engine.parallelize import apply_activation_checkpointing, apply_attention_backend, apply_lora
 from engine.rewards import REGISTRY, HingeTerm, RewardCriterion, load_reward
 from engine.rollout import rollout
+from engine.text_phase import encode_prompts, frozen_dtype_on, model_folder
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# The transformer class built partitioned under ZeRO-3, per model kind.
+def _transformer_class(kind: str) -> type:
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    return FluxTransformer2DModel if kind == "flux" else SD3Transformer2DModel
 
 
 def log_rank0(message: str, *args) -> None:
@@ -97,9 +105,11 @@ class Trainer:
         self.global_batch = ds_config["train_batch_size"]
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
 
+        fix_mmap_threshold()  # host memory freed during start-up goes back to the system (see its docstring)
         self._load_prompts()
+        self._build_criterion()  # first: a bad reward checkpoint stops the run before anything is written
+        self._encode_prompts()
         self._build_model()
-        self._build_criterion()
         self.objective: Objective = self._build_objective()
         self._build_engine()
         self.ema = None
@@ -116,45 +126,43 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ set-up
 
     def _load_prompts(self) -> None:
-        data = self.cfg.data
-        self.prompts = read_prompts(data.prompts) if data.prompts else embedded_prompts()
-        self.eval_prompts = read_prompts(data.eval_prompts, "data.eval_prompts") if data.eval_prompts else None
-        self.eval_specs = None  # world Prompts (category + spec) when the eval prompts are the embedded held-out set
-        if self.eval_prompts is None and data.prompts is None:
-            self.eval_specs = embedded_eval_specs()
-            self.eval_prompts = [p.text for p in self.eval_specs]
-        elif self.eval_prompts is None:
-            self.eval_prompts = self.prompts[:4]
-        self.order = PromptOrder(self.prompts, self.global_batch, self.cfg.optim.seed, data.shuffle)
+        self.prompts, self.eval_prompts, self.eval_specs = run_prompts(self.cfg.data)
+        self.order = PromptOrder(self.prompts, self.global_batch, self.cfg.optim.seed, self.cfg.data.shuffle)
+
+    def _model_folder(self) -> Path:
+        return model_folder(self.cfg.model)
+
+    def _encode_prompts(self) -> None:
+        """The text phase, before the transformer exists (``engine.text_phase.encode_prompts``)."""
+        for folder in {self.out, Path(self.cfg.data.embedding_cache or self.out)}:
+            ckpt.check_shared_folder(folder, self.rank, self.world_size)  # several nodes: one filesystem
+        every = sorted(set(self.prompts) | set(self.eval_prompts))
+        self.store = encode_prompts(
+            self.cfg, self._model_folder(), every, self.out, device=self.device, rank=self.rank, world=self.world_size
+        )
 
     def _build_model(self) -> None:
-        model_cfg = self.cfg.model
-        path = model_cfg.path
-        if path is None:
-            from engine.world.build import MODEL_DIR
-
-            path = MODEL_DIR  # the embedded world's pretrained model, committed with the code
+        """The VAE (frozen, every rank) and the trainable transformer: partitioned as it is built under ZeRO-3."""
+        model_cfg, folder = self.cfg.model, self._model_folder()
         adapter_cls = FluxAdapter if model_cfg.kind == "flux" else SD3Adapter
-        frozen_dtype = DTYPES[model_cfg.frozen_dtype]
-        if self.device.type == "cpu" and frozen_dtype != torch.float32:
-            frozen_dtype = torch.float32  # CPU: bf16 VAE/text encoders are slower and gain no memory that matters
-        # The transformer is loaded in the training precision: DeepSpeed keeps fp32 masters in the optimizer.
-        self.adapter = adapter_cls.from_pretrained(str(path), device=self.device, dtype=frozen_dtype)
-        transformer = self.adapter.transformer.to(self.train_dtype)
+        frozen_dtype = frozen_dtype_on(model_cfg.frozen_dtype, self.device)
+        if self.zero_stage == 3:
+            # No rank ever holds the whole transformer: zero.Init partitions it as it is built, and each rank
+            # reads only its partitions' elements from the checkpoint.
+            transformer = build_partitioned(
+                _transformer_class(model_cfg.kind), folder / "transformer", self.ds_config, self.train_dtype
+            )
+            self.adapter = adapter_cls.from_pretrained(
+                str(folder), device=self.device, dtype=frozen_dtype, parts=("vae", "scheduler"), transformer=transformer
+            )
+        else:
+            # The transformer is loaded in the training precision: DeepSpeed keeps fp32 masters in the optimizer.
+            self.adapter = adapter_cls.from_pretrained(
+                str(folder), device=self.device, dtype=frozen_dtype, parts=("transformer", "vae", "scheduler")
+            )
+            transformer = self.adapter.transformer.to(self.train_dtype)
         if model_cfg.kind == "sd3":
             self.adapter.cfg_negative_no_grad = model_cfg.cfg_negative_no_grad
-        # Encode every prompt once; the text encoders are freed afterwards.
-        negative = model_cfg.negative_prompt
-        all_prompts = sorted(set(self.prompts) | set(self.eval_prompts))
-        self.embeddings: dict[str, Conditioning] = {}
-        with torch.no_grad():
-            for start in range(0, len(all_prompts), 16):
-                chunk = all_prompts[start : start + 16]
-                negatives = [negative] * len(chunk) if model_cfg.kind == "sd3" else None
-                cond = self.adapter.encode_prompts(chunk, negatives).to("cpu")
-                for i, prompt in enumerate(chunk):
-                    self.embeddings[prompt] = cond.index(i)
-        self.adapter.free_text_encoders()
         self.adapter.vae_gradient_checkpointing(model_cfg.vae_gradient_checkpointing)
 
         optim = self.cfg.optim
@@ -349,7 +357,7 @@ class Trainer:
         """No-grad rollout of ``prompts`` from per-sample ``seeds``; returns the conditioning and the trajectory."""
         cfg = self.cfg
         height, width = cfg.model.height, cfg.model.width
-        cond = Conditioning.cat([self.embeddings[p] for p in prompts]).to(self.device)
+        cond = self.store.get(prompts).to(self.device)  # this micro-batch's rows, read from the store
         x1 = self.adapter.prepare_noise(len(prompts), height, width, seeds).to(self.device)
         grid = self.adapter.time_grid(num_steps, height, width)
         with self._rollout_parameters():

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.configuration_utils import FrozenDict
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -65,6 +66,7 @@ class FluxAdapter:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_sequence_length: int = 512,
+        transformer_config=None,
     ) -> None:
         """Wraps loaded components; most callers want ``FluxAdapter.from_pretrained``.
 
@@ -79,9 +81,10 @@ class FluxAdapter:
             device: Where the modules already are.
             dtype: The dtype the transformer and VAE were loaded in.
             max_sequence_length: T5 tokens per prompt (FluxPipeline's default is 512).
+            transformer_config: The transformer's config when ``transformer`` is None (a text-only adapter).
         """
         self.transformer = transformer
-        self.vae = freeze(vae)
+        self.vae = freeze(vae) if vae is not None else None
         self.scheduler = scheduler
         self.text_encoder = freeze(text_encoder) if text_encoder is not None else None
         self.text_encoder_2 = freeze(text_encoder_2) if text_encoder_2 is not None else None
@@ -91,9 +94,9 @@ class FluxAdapter:
         self.dtype = dtype
         self.max_sequence_length = max_sequence_length
         # Kept from the unwrapped model: a DeepSpeed engine or compiled module swapped in later may not expose it.
-        self.transformer_config = transformer.config
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_channels = transformer.config.in_channels // 4
+        self.transformer_config = transformer.config if transformer is not None else transformer_config
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else None
+        self.latent_channels = self.transformer_config.in_channels // 4
 
     @classmethod
     def from_pretrained(
@@ -104,6 +107,8 @@ class FluxAdapter:
         dtype: torch.dtype = torch.float32,
         text_encoder_dtype: torch.dtype | None = None,
         max_sequence_length: int | None = None,
+        parts: Collection[str] | None = None,
+        transformer: nn.Module | None = None,
     ) -> FluxAdapter:
         """Loads a FLUX model from a local diffusers folder (never from the hub).
 
@@ -114,6 +119,10 @@ class FluxAdapter:
             text_encoder_dtype: Dtype of CLIP and T5; defaults to ``dtype``.
             max_sequence_length: T5 tokens per prompt; None = the T5 tokenizer's ``model_max_length``, at most 512
                 (FLUX.1-dev's tokenizer says 512, FluxPipeline's default; the embedded world's says 12).
+            parts: The components to load (``FLUX_COMPONENTS`` names; None = all). A text-only adapter (the
+                encoders, tokenizers, scheduler) encodes prompts before the transformer exists; a training adapter
+                skips the encoders when the prompts come from the embedding store.
+            transformer: A transformer built elsewhere (e.g. partitioned by ZeRO-3); not loaded here then.
 
         Returns:
             The adapter, with VAE and text encoders frozen.
@@ -132,16 +141,27 @@ class FluxAdapter:
             "tokenizer": CLIPTokenizer,
             "tokenizer_2": T5TokenizerFast,
         }
-        parts = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device)
+        if transformer is not None:
+            parts = set(parts if parts is not None else classes) - {"transformer"}
+        loaded = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device, parts=parts)
+        if transformer is not None:
+            loaded["transformer"] = transformer
         if max_sequence_length is None:
-            max_sequence_length = min(512, int(parts["tokenizer_2"].model_max_length))
+            max_sequence_length = cls.sequence_length(folder)
         logger.info("loaded FLUX model from %s (transformer %s, text encoders %s)", folder, dtype, text_dtype)
         return cls(
-            **parts,
+            **loaded,
             device=device,
             dtype=dtype,
             max_sequence_length=max_sequence_length,
+            transformer_config=FrozenDict(FluxTransformer2DModel.load_config(folder / "transformer")),
         )
+
+    @staticmethod
+    def sequence_length(path: str | Path) -> int:
+        """T5 tokens per prompt ``from_pretrained`` uses for this folder: the T5 tokenizer's, at most 512."""
+        tokenizer = T5TokenizerFast.from_pretrained(Path(path) / "tokenizer_2", local_files_only=True)
+        return min(512, int(tokenizer.model_max_length))
 
     # ----------------------------------------------------------------------------------------------- prompts
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +124,7 @@ def load_components(
     dtype: torch.dtype,
     text_dtype: torch.dtype,
     device: torch.device | str,
+    parts: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Loads each component subfolder of a checked local folder with its class, local files only.
 
@@ -137,9 +138,10 @@ def load_components(
         dtype: Dtype of the diffusers models.
         text_dtype: Dtype of the text encoders.
         device: Where the models go.
+        parts: The subfolders to load (None = all); the others map to None.
 
     Returns:
-        Subfolder name → loaded component.
+        Subfolder name → loaded component (or None).
     """
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
@@ -149,6 +151,9 @@ def load_components(
     local = {"local_files_only": True}
     loaded: dict[str, Any] = {}
     for name, cls in classes.items():
+        if parts is not None and name not in parts:
+            loaded[name] = None
+            continue
         if issubclass(cls, ModelMixin):
             loaded[name] = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype, **local).to(device)
         elif issubclass(cls, PreTrainedModel):

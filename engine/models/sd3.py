@@ -7,11 +7,12 @@ rollout here equals a pipeline run with the same latents and negative prompt (``
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.configuration_utils import FrozenDict
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -70,6 +71,7 @@ class SD3Adapter:
         dtype: torch.dtype = torch.float32,
         max_sequence_length: int = 256,
         cfg_negative_no_grad: bool = False,
+        transformer_config=None,
     ) -> None:
         """Wraps loaded components; most callers want ``SD3Adapter.from_pretrained``.
 
@@ -87,9 +89,10 @@ class SD3Adapter:
             dtype: The dtype the transformer and VAE were loaded in.
             max_sequence_length: T5 tokens per prompt (the pipeline's default is 256).
             cfg_negative_no_grad: Default for ``velocity``'s option of the same name.
+            transformer_config: The transformer's config when ``transformer`` is None (a text-only adapter).
         """
         self.transformer = transformer
-        self.vae = freeze(vae)
+        self.vae = freeze(vae) if vae is not None else None
         self.scheduler = scheduler
         self.text_encoder = freeze(text_encoder) if text_encoder is not None else None
         self.text_encoder_2 = freeze(text_encoder_2) if text_encoder_2 is not None else None
@@ -102,9 +105,9 @@ class SD3Adapter:
         self.max_sequence_length = max_sequence_length
         self.cfg_negative_no_grad = cfg_negative_no_grad
         # Kept from the unwrapped model: a DeepSpeed engine or compiled module swapped in later may not expose it.
-        self.transformer_config = transformer.config
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_channels = transformer.config.in_channels
+        self.transformer_config = transformer.config if transformer is not None else transformer_config
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else None
+        self.latent_channels = self.transformer_config.in_channels
         self.num_train_timesteps = scheduler.config.num_train_timesteps
 
     @classmethod
@@ -117,6 +120,8 @@ class SD3Adapter:
         text_encoder_dtype: torch.dtype | None = None,
         max_sequence_length: int = 256,
         cfg_negative_no_grad: bool = False,
+        parts: Collection[str] | None = None,
+        transformer: nn.Module | None = None,
     ) -> SD3Adapter:
         """Loads an SD3 / SD3.5 model from a local diffusers folder (never from the hub).
 
@@ -127,6 +132,8 @@ class SD3Adapter:
             text_encoder_dtype: Dtype of the CLIPs and T5; defaults to ``dtype``.
             max_sequence_length: T5 tokens per prompt.
             cfg_negative_no_grad: Run the unconditional CFG branch without gradient by default.
+            parts: The components to load (``SD3_COMPONENTS`` names; None = all), as ``FluxAdapter``'s.
+            transformer: A transformer built elsewhere (e.g. partitioned by ZeRO-3); not loaded here then.
 
         Returns:
             The adapter, with VAE and text encoders frozen.
@@ -147,15 +154,25 @@ class SD3Adapter:
             "tokenizer_2": CLIPTokenizer,
             "tokenizer_3": T5TokenizerFast,
         }
-        parts = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device)
+        if transformer is not None:
+            parts = set(parts if parts is not None else classes) - {"transformer"}
+        loaded = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device, parts=parts)
+        if transformer is not None:
+            loaded["transformer"] = transformer
         logger.info("loaded SD3 model from %s (transformer %s, text encoders %s)", folder, dtype, text_dtype)
         return cls(
-            **parts,
+            **loaded,
+            transformer_config=FrozenDict(SD3Transformer2DModel.load_config(folder / "transformer")),
             device=device,
             dtype=dtype,
             max_sequence_length=max_sequence_length,
             cfg_negative_no_grad=cfg_negative_no_grad,
         )
+
+    @staticmethod
+    def sequence_length(path: str | Path) -> int:
+        """T5 tokens per prompt the trainer's adapter uses (``from_pretrained``'s default, the pipeline's 256)."""
+        return 256
 
     # ----------------------------------------------------------------------------------------------- prompts
 

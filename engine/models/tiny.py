@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from engine.memory import TINY_FLUX_TRANSFORMER
+from engine.models.loading import strip_machine_paths
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +173,23 @@ def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
+# Mid-size FLUX architecture for start-up measurements on CPU: 5 double + 12 single blocks, 10 heads × 64
+# (147M parameters, 560 MiB in fp32), with the tiny encoders and VAE. Large enough that fixed start-up costs
+# (measured: ~65 MiB for DeepSpeed's engine and comm set-up, ~25 MiB left by the text phase, ~10 MiB for the VAE)
+# do not decide bounds stated relative to the model.
+MID_FLUX_TRANSFORMER = dict(
+    num_layers=5, num_single_layers=12, attention_head_dim=64, num_attention_heads=10, axes_dims_rope=[16, 24, 24]
+)
+# Tiny encoders with a T5 width of 128 at 512 tokens: 256 KiB of fp32 embedding per prompt (5,000 = 1.3 GB).
+WIDE_T5_TRANSFORMER = dict(joint_attention_dim=128)
+
+
+def build_tiny_flux(folder: str | Path, seed: int = 0, transformer: dict | None = None) -> Path:
     """Writes a tiny random FluxPipeline to ``folder`` with ``save_pretrained``; returns the folder.
 
-    Transformer: 1 double + 1 single block, 2 heads × 16, guidance embeddings, in_channels 16 (4 latent × 2×2).
+    Transformer: 1 double + 1 single block, 2 heads × 16, guidance embeddings, in_channels 16 (4 latent × 2×2);
+    ``transformer`` overrides entries of that config (a mid-size FLUX architecture for start-up measurements;
+    ``joint_attention_dim``/``pooled_projection_dim`` also size T5/CLIP).
     """
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -183,10 +197,11 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
         tokenizer = _clip_tokenizer(Path(scratch))
         tokenizer_2 = _t5_tokenizer(Path(scratch))
     # One config for the builder and the memory planner's "tiny" rows (engine/memory.py).
-    clip_dim, t5_dim = TINY_FLUX_TRANSFORMER["pooled_projection_dim"], TINY_FLUX_TRANSFORMER["joint_attention_dim"]
+    config = {**TINY_FLUX_TRANSFORMER, **(transformer or {})}
+    clip_dim, t5_dim = config["pooled_projection_dim"], config["joint_attention_dim"]
     text_encoder = CLIPTextModel(_clip_config(tokenizer, clip_dim))
     text_encoder_2 = _t5_encoder(tokenizer_2, t5_dim)
-    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
+    transformer = FluxTransformer2DModel(**config)
     scheduler = flux_scheduler()
     pipeline = FluxPipeline(
         scheduler=scheduler,
@@ -198,6 +213,7 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
         transformer=transformer,
     )
     pipeline.save_pretrained(folder)
+    strip_machine_paths(folder)
     logger.debug("tiny FLUX pipeline written to %s", folder)
     return folder
 

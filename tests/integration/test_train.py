@@ -261,3 +261,23 @@ def test_eval_grid_can_sample_the_ema_weights(tiny_flux_dir, tmp_path):
         engine_outputs_reproduced(
             tiny_flux_dir, out, FluxTransformer2DModel.from_pretrained(out / "export" / "transformer")
         )
+
+
+def test_store_built_ahead_is_reused_by_training(tiny_flux_dir, tmp_path):
+    """launch/build_embeddings.py fills the store; a run with the same settings encodes nothing and trains the same
+    as a run that encodes on its own."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import build_embeddings
+
+    cache = tmp_path / "cache"
+    common = [f"model.path={tiny_flux_dir}", f"data.embedding_cache={cache}", "logging.progress=false"]
+    assert build_embeddings.main([*common, f"output_dir={tmp_path / 'unused'}"]) == 0
+    (store,) = cache.iterdir()
+    shards = sorted(p.name for p in store.iterdir())
+    ds_json = write_ds_config(tmp_path / "ds.json")
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    assert run_cli(ds_json, base_overrides(tiny_flux_dir, reused, steps=2, **{"data.embedding_cache": cache})) == 0
+    assert sorted(p.name for p in store.iterdir()) == shards  # nothing re-encoded, nothing added
+    assert run_cli(ds_json, base_overrides(tiny_flux_dir, fresh, steps=2)) == 0
+    assert (fresh / "embeddings").is_dir()
+    assert strip_timing(read_metrics(reused)) == strip_timing(read_metrics(fresh))
