@@ -58,6 +58,11 @@ def probe(repo: Path, work: Path, out: Path, ranks: int, steps: int, overrides: 
     return [json.loads((out / f"startup_rank{r}.json").read_text()) for r in range(ranks)]
 
 
+def _row(r: dict, cells: list) -> str:
+    commit = f"{(r['commit'] or '')[:10]}{' (dirty)' if r['dirty'] else ''}"
+    return "| " + " | ".join(str(c) for c in [r["label"], commit, *cells]) + " |"
+
+
 def write_markdown(rows: list[dict], path: Path) -> None:
     lines = [
         "# Start-up host memory (CPU, gloo)",
@@ -70,11 +75,9 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     ]
     for r in rows:
         if r["row"] == "startup":
-            lines.append(
-                f"| {r['label']} | {(r['commit'] or '')[:10]}{' (dirty)' if r['dirty'] else ''} | {r['rank']} | "
-                f"{r['startup_peak_rss_growth'] / 2**20:.0f} | {r['transformer_bytes'] / 2**20:.0f} | "
-                f"{r['startup_peak_rss_growth'] / r['transformer_bytes']:.2f} | {len(r['whole_transformer_loads'])} |"
-            )
+            growth, size = r["startup_peak_rss_growth"], r["transformer_bytes"]
+            cells = [r["rank"], f"{growth / 2**20:.0f}", f"{size / 2**20:.0f}", f"{growth / size:.2f}"]
+            lines.append(_row(r, [*cells, len(r["whole_transformer_loads"])]))
     lines += [
         "",
         "Host RSS after 2 training steps vs the number of prompts (1 rank, 256 KiB of embedding per prompt):",
@@ -85,8 +88,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["row"] == "prompts":
             lines.append(
-                f"| {r['label']} | {(r['commit'] or '')[:10]}{' (dirty)' if r['dirty'] else ''} | {r['prompts']} | "
-                f"{r['rss_after_steps'] / 2**20:.0f} | {r['store_bytes'] / 2**20:.0f} |"
+                _row(r, [r["prompts"], f"{r['rss_after_steps'] / 2**20:.0f}", f"{r['store_bytes'] / 2**20:.0f}"])
             )
     stamps = {(r["device"], r["torch"], r["deepspeed"]) for r in rows}
     lines += ["", "Device, torch, deepspeed: " + "; ".join(", ".join(map(str, s)) for s in sorted(stamps))]

@@ -21,11 +21,9 @@ def _setup(adapter, seeds, prompts, negatives=None, height=HEIGHT, width=WIDTH):
     return cond, x1, adapter.time_grid(STEPS, height, width)
 
 
-def test_flux_rollout_equals_pipeline(flux_adapter, tiny_flux_dir):
-    cond, x1, times = _setup(flux_adapter, [0, 1], PROMPTS)
-    trajectory = rollout(flux_adapter, cond, x1, times, guidance_scale=3.5, dtype=torch.float32)
-
-    pipeline = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True)
+def _flux_pipeline_x0(folder, x1, max_sequence_length, dtype):
+    """FluxPipeline's own sampling of PROMPTS from ``x1`` (guidance 3.5, STEPS steps), as latents."""
+    pipeline = FluxPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     expected = pipeline(
         PROMPTS,
@@ -35,8 +33,16 @@ def test_flux_rollout_equals_pipeline(flux_adapter, tiny_flux_dir):
         guidance_scale=3.5,
         height=HEIGHT,
         width=WIDTH,
-        max_sequence_length=flux_adapter.max_sequence_length,
+        max_sequence_length=max_sequence_length,
     ).images
+    return pipeline, expected
+
+
+def test_flux_rollout_equals_pipeline(flux_adapter, tiny_flux_dir):
+    cond, x1, times = _setup(flux_adapter, [0, 1], PROMPTS)
+    trajectory = rollout(flux_adapter, cond, x1, times, guidance_scale=3.5, dtype=torch.float32)
+
+    pipeline, expected = _flux_pipeline_x0(tiny_flux_dir, x1, flux_adapter.max_sequence_length, torch.float32)
     torch.testing.assert_close(trajectory.x0, expected, **PARITY_TOL)
     # The grid is exactly the scheduler's sigmas after the pipeline ran.
     torch.testing.assert_close(times, pipeline.scheduler.sigmas.cpu(), rtol=0, atol=0)
@@ -51,18 +57,7 @@ def test_flux_bf16_rollout_equals_bf16_pipeline(tiny_flux_dir):
     x1 = x1.to(torch.bfloat16)
     trajectory = rollout(adapter, cond, x1, times, guidance_scale=3.5, dtype=torch.bfloat16)
 
-    pipeline = FluxPipeline.from_pretrained(tiny_flux_dir, local_files_only=True, torch_dtype=torch.bfloat16)
-    pipeline.set_progress_bar_config(disable=True)
-    expected = pipeline(
-        PROMPTS,
-        latents=x1.clone(),
-        output_type="latent",
-        num_inference_steps=STEPS,
-        guidance_scale=3.5,
-        height=HEIGHT,
-        width=WIDTH,
-        max_sequence_length=adapter.max_sequence_length,
-    ).images
+    _, expected = _flux_pipeline_x0(tiny_flux_dir, x1, adapter.max_sequence_length, torch.bfloat16)
     assert trajectory.x0.dtype == expected.dtype == torch.bfloat16
     # Bit-exact on CPU as measured; a timestep one bf16 step off changes x_0 by ~1e-2 here.
     torch.testing.assert_close(trajectory.x0, expected, rtol=0, atol=0)
