@@ -836,6 +836,87 @@ def deepspeed_precision(ds: dict[str, Any]) -> torch.dtype:
     return torch.float16 if enabled[0] == "fp16" else torch.bfloat16
 
 
+# DeepSpeed's built-in optimizer and scheduler names (deepspeed.runtime.config / lr_schedules), compared lower-case.
+DEEPSPEED_OPTIMIZERS = ("adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion")
+DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_types(ds: dict[str, Any], path: str) -> None:
+    """Types of the precision, batch, clipping and ZeRO-stage entries, each error naming the key.
+
+    (:func:`_check_optimizer` follows the batch arithmetic: an optimizer without ``params.lr`` would train at
+    DeepSpeed's default, 1e-3 with no weight decay, without a word, so it is refused, as is a missing optimizer.)
+    """
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(f"deepspeed config {path}: {key}: {problem}")
+
+    for key in ("bf16", "bfloat16", "fp16"):
+        if key in ds and not isinstance(ds[key], dict):
+            fail(key, f'must be an object such as {{"enabled": true}}, got {json.dumps(ds[key])}')
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key)
+        if value is not None and value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+            fail(key, f'must be a positive integer or "auto", got {json.dumps(value)}')
+    clipping = ds.get("gradient_clipping")
+    if clipping is not None and clipping != "auto" and (not _is_number(clipping) or clipping < 0):
+        fail("gradient_clipping", f"must be a number >= 0 (1.0 in the paper), got {json.dumps(clipping)}")
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        stage = zero["stage"]
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
+            fail("zero_optimization.stage", f"must be the integer 0, 1, 2 or 3, got {json.dumps(stage)}")
+
+
+def _check_optimizer(ds: dict[str, Any], path: str) -> None:
+    """The optimizer (required: the JSON is the only source of the learning rate) and the scheduler, if any."""
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(f"deepspeed config {path}: {key}: {problem}")
+
+    optimizer = ds.get("optimizer")
+    if optimizer is None:
+        fail("optimizer", 'is missing; add {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 1e-4}}')
+    if not isinstance(optimizer, dict):
+        fail("optimizer", f"must be an object with type and params, got {json.dumps(optimizer)}")
+    kind = optimizer.get("type")
+    if not isinstance(kind, str) or kind.lower() not in DEEPSPEED_OPTIMIZERS:
+        fail("optimizer.type", f"{json.dumps(kind)} is not a DeepSpeed optimizer; use AdamW (or one of "
+             f"{', '.join(DEEPSPEED_OPTIMIZERS)})")  # fmt: skip
+    params = optimizer.get("params")
+    if not isinstance(params, dict) or "lr" not in params:
+        fail("optimizer.params.lr", "is missing: DeepSpeed would train at its default lr 1e-3 with no weight decay; "
+             "set it (paper: lr 1e-5, weight_decay 1e-4)")  # fmt: skip
+    lr = params["lr"]
+    if not _is_number(lr) or lr <= 0:
+        fail("optimizer.params.lr", f"must be a number > 0 (paper: 1e-5), got {json.dumps(lr)}")
+    for key in ("weight_decay", "eps"):
+        value = params.get(key)
+        if value is not None and (not _is_number(value) or value < 0):
+            fail(f"optimizer.params.{key}", f"must be a number >= 0, got {json.dumps(value)}")
+    betas = params.get("betas")
+    if betas is not None and not (
+        isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        fail("optimizer.params.betas", f"must be two numbers in [0, 1) such as [0.9, 0.999], got {json.dumps(betas)}")
+    for key in ("torch_adam", "adam_w_mode"):
+        if key in params and not isinstance(params[key], bool):
+            fail(f"optimizer.params.{key}", f"must be true or false, got {json.dumps(params[key])}")
+
+    scheduler = ds.get("scheduler")
+    if scheduler is not None:
+        if not isinstance(scheduler, dict) or scheduler.get("type") not in DEEPSPEED_SCHEDULERS:
+            got = scheduler.get("type") if isinstance(scheduler, dict) else scheduler
+            fail("scheduler.type", f"{json.dumps(got)} is not a DeepSpeed scheduler; use one of "
+                 f"{', '.join(DEEPSPEED_SCHEDULERS)} or drop the section")  # fmt: skip
+        if not isinstance(scheduler.get("params", {}), dict):
+            fail("scheduler.params", "must be an object")
+
+
 def _check_zero(ds: dict[str, Any], path: str) -> None:
     """Validate the ZeRO section with DeepSpeed's own schema, turning its multi-line error into one line."""
     zero = ds.get("zero_optimization")
@@ -904,7 +985,9 @@ def resolve_deepspeed_config(path: str, world_size: int) -> dict[str, Any]:
         if section.get("enabled") == "auto":
             raise ConfigError(f'deepspeed config {path}: {key}.enabled is "auto"; set it to true or false')
 
+    _check_types(ds, path)
     _resolve_batch(ds, world_size, path)
+    _check_optimizer(ds, path)
     if ds.get("gradient_clipping") == "auto":
         ds["gradient_clipping"] = 1.0
     leftover = [key for key in _find_auto(ds, "") if not key.startswith("zero_optimization.")]

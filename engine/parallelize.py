@@ -45,8 +45,8 @@ def apply_activation_checkpointing(model: nn.Module, enabled: bool = True) -> nn
     return model
 
 
-def apply_attention_backend(model: nn.Module, backend: AttentionBackend = "sdpa") -> nn.Module:
-    """Route the model's attention through PyTorch SDPA (default), xformers or flash-attn.
+def check_attention_backend(backend: str) -> None:
+    """The backend exists and can run here (its package installed, a CUDA device); preflight calls it too.
 
     Raises:
         ValueError: unknown backend name.
@@ -63,6 +63,16 @@ def apply_attention_backend(model: nn.Module, backend: AttentionBackend = "sdpa"
             )
         if not torch.cuda.is_available():
             raise RuntimeError(f"attention_backend={backend!r} needs a CUDA device; use attention_backend='sdpa'")
+
+
+def apply_attention_backend(model: nn.Module, backend: AttentionBackend = "sdpa") -> nn.Module:
+    """Route the model's attention through PyTorch SDPA (default), xformers or flash-attn.
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: the backend's package is not installed or there is no CUDA device — never a silent fallback.
+    """
+    check_attention_backend(backend)
     if backend == "sdpa":
         model.reset_attention_backend()  # diffusers' default dispatch: torch SDPA
     else:

@@ -80,6 +80,12 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"rewards.{index}.path is not set; reward {reward.name!r} needs {spec.files}")
     check_output_dir(cfg.output_dir)
     check_model(cfg)
+    from engine.parallelize import check_attention_backend
+
+    try:
+        check_attention_backend(cfg.model.attention_backend)
+    except RuntimeError as error:
+        raise ConfigError(f"model.{error}") from None
     if cfg.data.prompts:
         read_prompts(cfg.data.prompts, "data.prompts")
     if cfg.data.eval_prompts:

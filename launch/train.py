@@ -11,6 +11,7 @@ the rest. Bad input stops the run before any work with one line naming the input
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -86,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.trainer import NonFiniteStop, Trainer
 
     init_distributed(cfg.collective_timeout_s)
+    started = False  # OSErrors before training are unreadable inputs (exit 2), after it failed saves (exit 4)
     try:
-        Trainer(cfg, ds_config).train()
+        trainer = Trainer(cfg, ds_config)
+        started = True
+        trainer.train()
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -106,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 5
     except OSError as error:  # e.g. the disk filled up while saving: the previous complete checkpoint is intact
+        if not started and error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            print(
+                f"error: cannot read {error.filename or 'an input'} ({error.strerror or error}); fix or replace "
+                "that file and rerun",
+                file=sys.stderr,
+            )
+            return 2
         print(
             f"error: {error.strerror or error} ({error.filename or 'while writing'}); free space or fix "
             "permissions, then rerun: the run resumes from its last complete checkpoint",

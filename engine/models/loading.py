@@ -154,13 +154,24 @@ def load_components(
         if parts is not None and name not in parts:
             loaded[name] = None
             continue
-        if issubclass(cls, ModelMixin):
-            loaded[name] = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype, **local).to(device)
-        elif issubclass(cls, PreTrainedModel):
-            kwargs = {**transformers_dtype_kwargs(text_dtype), **local}
-            loaded[name] = cls.from_pretrained(folder, subfolder=name, **kwargs).to(device)
-        else:
-            loaded[name] = cls.from_pretrained(folder, subfolder=name, **local)
+        try:
+            if issubclass(cls, ModelMixin):
+                loaded[name] = cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype, **local).to(device)
+            elif issubclass(cls, PreTrainedModel):
+                kwargs = {**transformers_dtype_kwargs(text_dtype), **local}
+                loaded[name] = cls.from_pretrained(folder, subfolder=name, **kwargs).to(device)
+            else:
+                loaded[name] = cls.from_pretrained(folder, subfolder=name, **local)
+        except (OSError, ValueError, RuntimeError, KeyError) as error:  # corrupt or truncated files: a bad input
+            if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
+                raise
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise ModelFolderError(
+                _one_line(
+                    f"model folder {folder}: {name}/ cannot be loaded ({type(error).__name__}: {first}); fix: "
+                    f"replace {folder / name} with a complete copy written by save_pretrained()"
+                )
+            ) from error
     return loaded
 
 

@@ -16,10 +16,16 @@ sys.path.insert(0, str(REPO / "launch"))
 
 import train as train_cli  # noqa: E402
 
+GOOD_DS = {
+    "train_micro_batch_size_per_gpu": 2,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 1e-4, "torch_adam": True}},
+    "zero_optimization": {"stage": 3},
+}
+
 
 def good_ds(tmp_path: Path) -> Path:
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}))
+    path.write_text(json.dumps(GOOD_DS))
     return path
 
 
