@@ -33,6 +33,27 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+# In output_dir from the moment a fresh run writes anything there until its first complete checkpoint: a run folder
+# holding it and no checkpoint belongs to a run that stopped early, whose logs and images are not to be appended to.
+INCOMPLETE = "INCOMPLETE"
+# What a fresh start discards from such a folder (the embedding store is keyed and atomic: it is kept).
+RUN_LOGS = ("config.yaml", "deepspeed_config.json", "metrics.jsonl", "images", "tensorboard", "export")
+
+
+def start_fresh(out: Path) -> bool:
+    """Marks ``out`` incomplete for a run starting at step 0, first discarding what an earlier run that stopped
+    before its first checkpoint left there. Returns whether anything was discarded. Rank 0 only."""
+    out.mkdir(parents=True, exist_ok=True)
+    stale = (out / INCOMPLETE).exists() or (out / "metrics.jsonl").exists()
+    if stale:
+        for name in RUN_LOGS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    _atomic_write(out / INCOMPLETE, "a run started here and has no complete checkpoint yet\n")
+    return stale
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -42,6 +63,23 @@ def _atomic_write(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def depends(cfg, ds_config: dict) -> dict:
+    """What a checkpoint's shards depend on: resuming with another value would fail inside DeepSpeed or silently
+    train something else, so preflight refuses it (``engine.preflight.check_resume``)."""
+    from engine.config import deepspeed_precision
+
+    return {
+        "model.kind": cfg.model.kind,
+        "model.path": str(Path(cfg.model.path).resolve()) if cfg.model.path else None,
+        "method.objective": cfg.method.objective,
+        "optim.lora_rank": cfg.optim.lora_rank,
+        "optim.lora_targets": sorted(cfg.optim.lora_targets) if cfg.optim.lora_rank else None,
+        "optim.ema_decay is set": cfg.optim.ema_decay is not None,
+        "zero_optimization.stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+        "precision": str(deepspeed_precision(ds_config)),
+    }
 
 
 def check_shared_folder(folder: Path, rank: int, world_size: int) -> None:
@@ -125,11 +163,17 @@ def save(trainer: Trainer) -> Path:
     torch.save(state, tmp / f"trainer_rank{trainer.rank}.pt")
     dist.barrier()
     if trainer.rank == 0:
-        _atomic_write(tmp / "COMPLETE", json.dumps({"step": trainer.step, "world_size": trainer.world_size}))
+        meta = {
+            "step": trainer.step,
+            "world_size": trainer.world_size,
+            "depends": depends(trainer.cfg, trainer.ds_config),
+        }
+        _atomic_write(tmp / "COMPLETE", json.dumps(meta))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write(root / "latest", tag)
+        (trainer.out / INCOMPLETE).unlink(missing_ok=True)  # the run folder now has a checkpoint to trust
         _prune(root, trainer.cfg.checkpoint.keep_last)
         logger.info("checkpoint %s written", final)
     dist.barrier()

@@ -486,6 +486,16 @@ class TrainConfig(_Section):
             _fail("method.refl_last_steps", method.refl_last_steps, f"exceeds {grid}; set it <= {num_steps}")
         elif method.objective == "drtune" and method.drtune_train_steps > num_steps:
             _fail("method.drtune_train_steps", method.drtune_train_steps, f"exceeds {grid}; set it <= {num_steps}")
+        elif method.objective == "drtune":
+            # DRTune trains only before its earliest stop, the last stop_fraction of the steps (engine.objectives).
+            first_stop = num_steps - max(1, math.floor(method.drtune_stop_fraction * num_steps))
+            if method.drtune_train_steps > first_stop:
+                _fail(
+                    "method.drtune_train_steps",
+                    method.drtune_train_steps,
+                    f"exceeds the {first_stop} steps before DRTune's earliest stop ({grid}, drtune_stop_fraction="
+                    f"{method.drtune_stop_fraction}); set it <= {first_stop} or raise rollout.num_steps",
+                )
         elif (
             method.objective == "full_backprop"
             and method.truncate_steps is not None
@@ -630,10 +640,26 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as file:
-            return yaml.safe_load(file)
+            return yaml.load(file, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as error:
         raise ConfigError(f"config file {path}: cannot read it ({error.strerror or error})") from None
     except yaml.YAMLError as error:

@@ -45,9 +45,24 @@ def read_prompts(path: str, field: str = "data.prompts") -> list[str]:
             f"{field}={path!r} cannot be read ({error}); give a UTF-8 text file, one prompt a line"
         ) from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    # A line of only zero-width or control characters (ZWSP, BOM, ...) looks empty but would be trained on.
+    invisible = [i for i, p in enumerate(prompts) if not _visible(p)]
+    if invisible:
+        line = invisible[0]
+        raise ValueError(
+            f"{field}={path!r}: {len(invisible)} prompt(s) hold no visible character (e.g. prompt {line + 1}: "
+            f"{prompts[line]!r}); delete those lines"
+        )
     if not prompts:
         raise ValueError(f"{field}={path!r} holds no prompts; write one prompt per line")
     return prompts
+
+
+def _visible(prompt: str) -> bool:
+    """Whether a prompt has a character a text encoder would see as text (not format or control characters)."""
+    import unicodedata
+
+    return any(unicodedata.category(c)[0] in "LNPS" for c in prompt)
 
 
 def run_prompts(data) -> tuple[list[str], list[str], list | None]:

@@ -13,6 +13,12 @@ from pathlib import Path
 from engine.config import ConfigError, TrainConfig
 from engine.data import read_prompts
 
+# What a run writes into output_dir: a folder holding none of these is someone else's.
+RUN_ENTRIES = frozenset(
+    {"config.yaml", "deepspeed_config.json", "metrics.jsonl", "checkpoints", "images", "export", "tensorboard",
+     "embeddings", "INCOMPLETE"}
+)  # fmt: skip
+
 
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
@@ -31,6 +37,13 @@ def check_output_dir(output_dir: str) -> None:
         raise ConfigError(f"output_dir={output_dir!r} lies under {anchor}, which is a file; choose another output_dir")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir={output_dir!r} is not writable ({anchor} denies writes); choose a writable path")
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        if entries and not any(name in RUN_ENTRIES for name in entries):
+            raise ConfigError(
+                f"output_dir={output_dir!r} holds files this engine did not write (e.g. {entries[0]!r}); they would "
+                "be overwritten or appended to: choose a new or empty output_dir"
+            )
 
 
 def check_model(cfg: TrainConfig) -> None:
@@ -47,9 +60,10 @@ def check_model(cfg: TrainConfig) -> None:
         check_model_folder(cfg.model.path, pipeline_class="StableDiffusion3Pipeline", components=SD3_COMPONENTS)
 
 
-def check_resume(cfg: TrainConfig, world_size: int) -> None:
-    """A checkpoint to resume from was written by the same number of ranks (DeepSpeed shards are per rank)."""
-    from engine.checkpoint import latest_complete
+def check_resume(cfg: TrainConfig, world_size: int, ds_config: dict | None = None) -> None:
+    """A checkpoint to resume from was written by the same number of ranks (DeepSpeed shards are per rank) and
+    with the same settings its shards depend on (``engine.checkpoint.depends``)."""
+    from engine.checkpoint import depends, latest_complete
 
     resume = cfg.checkpoint.resume
     if resume == "never":
@@ -60,15 +74,26 @@ def check_resume(cfg: TrainConfig, world_size: int) -> None:
         if resume != "auto":
             raise ConfigError(f"checkpoint.resume={resume!r} holds no complete checkpoint; give a step_* folder")
         return
-    saved = json.loads((found / "COMPLETE").read_text())["world_size"]
+    meta = json.loads((found / "COMPLETE").read_text())
+    saved = meta["world_size"]
     if saved != world_size:
         raise ConfigError(
             f"checkpoint {found} was written by {saved} rank(s) but this run has {world_size}; resume with "
             f"{saved} rank(s), or convert it with DeepSpeed's ds_to_universal.py and start a new output_dir"
         )
+    if ds_config is None or "depends" not in meta:
+        return
+    for key, now in depends(cfg, ds_config).items():
+        then = meta["depends"].get(key)
+        if then != now:
+            where = "--deepspeed" if key in ("zero_optimization.stage", "precision") else "the config"
+            raise ConfigError(
+                f"checkpoint {found} was written with {key}={then!r} but this run has {key}={now!r} ({where}); "
+                "resume with the same setting, or start a new output_dir (checkpoint.resume=never trains anew)"
+            )
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> None:
+def preflight(cfg: TrainConfig, world_size: int, ds_config: dict | None = None) -> None:
     """Every cheap check of the run's inputs; raises ConfigError or ValueError with one line."""
     cfg.check_paths()
     from engine.rewards import REGISTRY
@@ -78,6 +103,11 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         spec = REGISTRY[reward.name]
         if spec.needs_path and not reward.path:
             raise ConfigError(f"rewards.{index}.path is not set; reward {reward.name!r} needs {spec.files}")
+        if reward.path and not spec.takes_path:
+            raise ConfigError(
+                f"rewards.{index}.path={reward.path!r} is set but reward {reward.name!r} has no weights and would "
+                f"ignore it; drop rewards.{index}.path or name the reward that file belongs to"
+            )
     check_output_dir(cfg.output_dir)
     check_model(cfg)
     from engine.parallelize import check_attention_backend
@@ -90,4 +120,40 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         read_prompts(cfg.data.prompts, "data.prompts")
     if cfg.data.eval_prompts:
         read_prompts(cfg.data.eval_prompts, "data.eval_prompts")
-    check_resume(cfg, world_size)
+    check_resume(cfg, world_size, ds_config)
+    check_seed(cfg)
+    if cfg.optim.lora_rank > 0:
+        check_lora_targets(cfg)
+
+
+# Per-sample noise seeds are seed · 1_000_000_007 + global position (engine.trainer); torch seeds are 64-bit.
+SEED_STRIDE = 1_000_000_007
+
+
+def check_seed(cfg: TrainConfig) -> None:
+    """The per-sample seed arithmetic stays inside a signed 64-bit seed for the whole run."""
+    largest = cfg.optim.seed * SEED_STRIDE + 10**12  # generous bound on any global sample position
+    if largest >= 2**63:
+        limit = (2**63 - 10**12) // SEED_STRIDE
+        raise ConfigError(f"optim.seed={cfg.optim.seed} overflows the per-sample noise seeds; use a seed <= {limit}")
+
+
+def check_lora_targets(cfg: TrainConfig) -> None:
+    """LoRA targets match modules of the transformer, checked on a meta-device copy built from its config."""
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from engine.text_phase import model_folder
+
+    cls = FluxTransformer2DModel if cfg.model.kind == "flux" else SD3Transformer2DModel
+    folder = model_folder(cfg.model) / "transformer"
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder))
+    names = [name for name, _ in model.named_modules()]
+    for index, target in enumerate(cfg.optim.lora_targets):
+        if not any(name == target or name.endswith("." + target) for name in names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "attn." in name} - set("0123456789"))[:8]
+            raise ConfigError(
+                f"optim.lora_targets.{index}={target!r} matches no module of {folder}'s {cls.__name__}; use "
+                f"module-name suffixes such as {', '.join(leaves)}"
+            )

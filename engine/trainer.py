@@ -255,7 +255,9 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            if self.step == 0 and ckpt.start_fresh(self.out):
+                log_rank0("%s held a run that stopped before its first checkpoint: its logs and images were discarded",
+                          self.out)  # fmt: skip
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
         progress = None
@@ -427,6 +429,13 @@ class Trainer:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["applied"] = applied
         metrics["skipped_steps"] = self.skipped_steps
+        if self.step == 1 and metrics["loss"] == 0.0 and self.rank == 0:
+            lams = ", ".join(f"rewards.{i}.lam={r.lam}" for i, r in enumerate(self.cfg.rewards))
+            logger.warning(
+                "step 1: every sample's reward is above its threshold (%s): the hinge max(0, λ − r) is 0 and no "
+                "step trains the model; raise λ (the rewards' defaults: engine/rewards, README)",
+                lams,
+            )
         metrics.update(timer.times)
         if self.device.type == "cuda":
             metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = resolve_deepspeed_config(args.deepspeed, world_size)
         from engine.preflight import preflight
 
-        preflight(cfg, world_size)
+        preflight(cfg, world_size, ds_config)
     except (ConfigError, ValueError) as error:  # ModelFolderError and prompt-file errors are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ class RewardSpec:
     load: Callable[[str | None, torch.device, torch.dtype], Reward]
     needs_path: bool
     files: str  # the files a user must provide, for error messages and the README
+    takes_path: bool = True  # False: a weight-free reward, which would ignore a path
 
 
 REGISTRY: dict[str, RewardSpec] = {}

@@ -54,4 +54,8 @@ class ColorReward:
         return torch.stack(scores)
 
 
-register(RewardSpec("tiny_color", lambda path, device, dtype: ColorReward(), needs_path=False, files="nothing"))
+register(
+    RewardSpec(
+        "tiny_color", lambda path, device, dtype: ColorReward(), needs_path=False, files="nothing", takes_path=False
+    )
+)
