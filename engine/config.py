@@ -970,6 +970,7 @@ def resolve_deepspeed_config(path: str, world_size: int) -> dict[str, Any]:
 
     Filled: the batch triple ``train_batch_size = train_micro_batch_size_per_gpu × gradient_accumulation_steps ×
     world_size`` from whichever two are given (one alone: accumulation 1), and ``gradient_clipping: "auto"`` (1.0).
+    ``zero_optimization.memory_efficient_linear`` is filled ``false`` (``true`` is refused; see ``_torch_linear``).
     ZeRO ``"auto"`` bucket sizes are left to DeepSpeed, which resolves them itself. The file is not modified.
 
     Args:
@@ -1024,4 +1025,19 @@ def resolve_deepspeed_config(path: str, world_size: int) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigError(str(error).replace("deepspeed config:", f"deepspeed config {path}:", 1)) from None
     _check_zero(ds, path)
+    _torch_linear(ds, path)
     return ds
+
+
+def _torch_linear(ds: dict[str, Any], path: str) -> None:
+    """Keep torch's own ``nn.functional.linear``: DeepSpeed's ``memory_efficient_linear`` (on by default) makes
+    ``zero.Init`` replace it for the whole process, the frozen reward models and the VAE included, and never put it
+    back, so ZeRO-3 would no longer compute what one process does. Filled ``false`` when absent; ``true`` refused."""
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("memory_efficient_linear", False) is not False:
+        raise ConfigError(
+            f"deepspeed config {path}: zero_optimization.memory_efficient_linear="
+            f"{json.dumps(zero['memory_efficient_linear'])} replaces torch.nn.functional.linear for the whole "
+            "process (reward models and VAE included), which the engine does not support; set it to false"
+        )
+    zero["memory_efficient_linear"] = False

@@ -382,6 +382,24 @@ def test_bad_json_gives_one_line_error(tmp_path, ds, world_size, expected):
     assert expected in message, message
 
 
+@pytest.mark.parametrize("zero", [None, {"stage": 3}, {"stage": 2}, {"stage": 3, "memory_efficient_linear": False}])
+def test_memory_efficient_linear_is_off_when_not_given(tmp_path, zero):
+    # DeepSpeed's default (true) makes zero.Init replace torch.nn.functional.linear for the whole process, the
+    # frozen reward models and the VAE included, and never put it back.
+    ds = {k: v for k, v in BASE_DS.items() if k != "zero_optimization"}
+    if zero is not None:
+        ds["zero_optimization"] = zero
+    resolved = resolve_deepspeed_config(_write_json(tmp_path, ds), 1)
+    assert resolved["zero_optimization"]["memory_efficient_linear"] is False
+
+
+def test_memory_efficient_linear_true_is_refused(tmp_path):
+    path = _write_json(tmp_path, dict(BASE_DS, zero_optimization={"stage": 3, "memory_efficient_linear": True}))
+    message = _raises(resolve_deepspeed_config, path, 1)
+    assert message.startswith(f"deepspeed config {path}: zero_optimization.memory_efficient_linear"), message
+    assert "set it to false" in message, message
+
+
 def test_missing_json(tmp_path):
     message = _raises(resolve_deepspeed_config, str(tmp_path / "nope.json"), 1)
     assert message.startswith(f"deepspeed config {tmp_path / 'nope.json'}: cannot read it")
