@@ -47,17 +47,13 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def check_model(cfg: TrainConfig) -> None:
-    """A configured model folder is a complete diffusers folder of the configured kind."""
+    """A configured model folder is a complete diffusers folder of the configured kind, whose every JSON, tokenizer
+    and safetensors header reads and whose weights have the names and shapes its configs describe."""
     if cfg.model.path is None:
         return
-    from engine.models.flux import FLUX_COMPONENTS
-    from engine.models.loading import check_model_folder
-    from engine.models.sd3 import SD3_COMPONENTS
+    from engine.text_phase import ADAPTERS
 
-    if cfg.model.kind == "flux":
-        check_model_folder(cfg.model.path, pipeline_class="FluxPipeline", components=FLUX_COMPONENTS)
-    else:
-        check_model_folder(cfg.model.path, pipeline_class="StableDiffusion3Pipeline", components=SD3_COMPONENTS)
+    ADAPTERS[cfg.model.kind].check_folder(cfg.model.path)
 
 
 def check_resume(cfg: TrainConfig, world_size: int, ds_config: dict | None = None) -> None:

@@ -32,7 +32,7 @@ from engine.models.base import (
     scheduler_sigmas,
     set_vae_gradient_checkpointing,
 )
-from engine.models.loading import ComponentKind, check_model_folder, load_components
+from engine.models.loading import ComponentKind, Link, check_model_contents, check_model_folder, load_components
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,24 @@ FLUX_COMPONENTS: dict[str, ComponentKind] = {
     "tokenizer_2": "tokenizer",
     "scheduler": "scheduler",
 }
+
+# The class that loads each component.
+FLUX_CLASSES: dict[str, type] = {
+    "transformer": FluxTransformer2DModel,
+    "vae": AutoencoderKL,
+    "scheduler": FlowMatchEulerDiscreteScheduler,
+    "text_encoder": CLIPTextModel,
+    "text_encoder_2": T5EncoderModel,
+    "tokenizer": CLIPTokenizer,
+    "tokenizer_2": T5TokenizerFast,
+}
+# Dimensions the components must agree on: T5's width is the context width, CLIP's pooled output the pooled
+# projection's input, and the transformer sees the VAE's latent channels packed 2×2.
+FLUX_LINKS: tuple[Link, ...] = (
+    ("transformer", "joint_attention_dim", (("text_encoder_2", "d_model"),), 1),
+    ("transformer", "pooled_projection_dim", (("text_encoder", "hidden_size"),), 1),
+    ("transformer", "in_channels", (("vae", "latent_channels"),), 4),
+)
 
 
 class FluxAdapter:
@@ -99,6 +117,14 @@ class FluxAdapter:
         self.latent_channels = self.transformer_config.in_channels // 4
 
     @classmethod
+    def check_folder(cls, path: str | Path) -> Path:
+        """Checks a FLUX folder whole without loading a weight: files present, every JSON, tokenizer and safetensors
+        header read, names and shapes as each ``config.json`` says, the components' dimensions agreeing."""
+        folder = check_model_folder(path, pipeline_class="FluxPipeline", components=FLUX_COMPONENTS)
+        check_model_contents(folder, FLUX_CLASSES, FLUX_LINKS)
+        return folder
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
@@ -132,15 +158,7 @@ class FluxAdapter:
         """
         folder = check_model_folder(path, pipeline_class="FluxPipeline", components=FLUX_COMPONENTS)
         text_dtype = text_encoder_dtype or dtype
-        classes = {
-            "transformer": FluxTransformer2DModel,
-            "vae": AutoencoderKL,
-            "scheduler": FlowMatchEulerDiscreteScheduler,
-            "text_encoder": CLIPTextModel,
-            "text_encoder_2": T5EncoderModel,
-            "tokenizer": CLIPTokenizer,
-            "tokenizer_2": T5TokenizerFast,
-        }
+        classes = dict(FLUX_CLASSES)
         if transformer is not None:
             parts = set(parts if parts is not None else classes) - {"transformer"}
         loaded = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device, parts=parts)

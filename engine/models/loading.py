@@ -117,6 +117,166 @@ def _missing_in_component(subfolder: Path, kind: ComponentKind) -> str | None:
     return None
 
 
+# Weight files a component loads by default (diffusers models, transformers models), single or sharded.
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+# A dimension components must agree on: (component, config key, ((component, config key), ...), factor), meaning
+# ``a.key == factor * sum(b.key for b)``; e.g. FLUX's transformer joint_attention_dim is T5's d_model.
+Link = tuple[str, str, tuple[tuple[str, str], ...], int]
+
+
+def weight_files(component: Path) -> list[Path] | None:
+    """The safetensors files a component loads by default (the shards an index names), or None when it holds
+    ``.bin`` weights only (their names and shapes cannot be read without loading them)."""
+    for stem in _WEIGHT_STEMS:
+        index = component / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index, component.parent).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelFolderError(_one_line(f"{index} has no weight_map; {_replace(component)}"))
+            files = sorted({component / str(name) for name in weight_map.values()})
+            for file in files:
+                if not file.is_file():
+                    raise ModelFolderError(
+                        _one_line(f"{index} names the shard {file.name}, which is missing; {_replace(component)}")
+                    )
+            return files
+        single = component / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+    return None
+
+
+def _replace(component: Path) -> str:
+    return f"fix: replace {component} with a complete copy written by save_pretrained()"
+
+
+def _read_json(path: Path, folder: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = f" at line {error.lineno} column {error.colno}" if isinstance(error, json.JSONDecodeError) else ""
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise ModelFolderError(
+            _one_line(
+                f"model folder {folder}: {path.relative_to(folder)} is not valid JSON{where} ({reason}); "
+                f"{_replace(path.parent)}"
+            )
+        ) from None
+    except OSError as error:
+        raise ModelFolderError(
+            _one_line(f"model folder {folder}: {path.relative_to(folder)} cannot be read ({error.strerror or error})")
+        ) from None
+
+
+def check_model_contents(folder: str | Path, classes: Mapping[str, type], links: Collection[Link] = ()) -> None:
+    """Checks what a folder that passed :func:`check_model_folder` holds, before anything heavy is loaded.
+
+    - every JSON file parses (configs, indexes, tokenizer files);
+    - tokenizers and the scheduler load (they are small);
+    - every model's safetensors headers are read, and each tensor's name and shape are compared with the module its
+      ``config.json`` describes, built on the meta device (no memory): a tensor of another shape, or a parameter the
+      weights lack (tied parameters count once), is one line naming both files;
+    - ``links``: dimensions two components must agree on (a text encoder swapped in from another model).
+
+    Raises:
+        ModelFolderError: One line naming the file(s) and the fix.
+    """
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.json")):
+        _read_json(path, folder)
+    configs: dict[str, dict] = {}
+    for name, cls in classes.items():
+        component = folder / name
+        if issubclass(cls, ModelMixin):
+            configs[name] = cls.load_config(component)
+            with torch.device("meta"):
+                module = cls.from_config(configs[name])
+        elif issubclass(cls, PreTrainedModel):
+            config = cls.config_class.from_pretrained(component, local_files_only=True)
+            configs[name] = config.to_dict()
+            with torch.device("meta"):
+                module = cls(config)
+        else:
+            try:
+                cls.from_pretrained(folder, subfolder=name, local_files_only=True)
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+                first = (str(error).strip().splitlines() or [""])[0][:200]
+                raise ModelFolderError(
+                    _one_line(
+                        f"model folder {folder}: {name}/ cannot be loaded ({type(error).__name__}: {first}); "
+                        f"{_replace(component)}"
+                    )
+                ) from None
+            continue
+        _compare_weights(folder, name, module)
+    for a, key_a, parts, factor in links:
+        value_a = configs[a].get(key_a)
+        values = [configs[b].get(key) for b, key in parts]
+        if value_a is None or None in values or value_a == factor * sum(values):
+            continue
+        described = " + ".join(f"{b}/config.json {key}={v}" for (b, key), v in zip(parts, values, strict=True))
+        scale = f"{factor} × " if factor != 1 else ""
+        raise ModelFolderError(
+            _one_line(
+                f"model folder {folder}: {a}/config.json {key_a}={value_a} does not fit {scale}{described}; the "
+                f"components come from different models: fix: take {a}/ and "
+                f"{', '.join(sorted({b + '/' for b, _ in parts}))} from the same pipeline"
+            )
+        )
+    logger.debug("model folder %s: every header, config and tokenizer checked", folder)
+
+
+def _compare_weights(folder: Path, name: str, module: torch.nn.Module) -> None:
+    """Names and shapes of ``module``'s state (built from ``name``/config.json) against ``name``'s safetensors."""
+    from engine.models.safetensors_io import SafetensorsError, read_header
+
+    component = folder / name
+    files = weight_files(component)
+    if files is None:
+        logger.info("%s holds .bin weights only: their names and shapes are checked when they load", component)
+        return
+    headers = {}
+    for file in files:
+        try:
+            for key, info in read_header(file).items():
+                headers[key] = (file, info)
+        except SafetensorsError as error:
+            raise ModelFolderError(_one_line(f"model folder {folder}: {error}; {_replace(component)}")) from None
+    aliases: dict[int, list[str]] = {}
+    for key, param in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(key)
+    expected = {key: tuple(t.shape) for key, t in module.state_dict(keep_vars=True).items()}
+    for key, shape in expected.items():
+        if key in headers:
+            file, info = headers[key]
+            if info.shape != shape:
+                raise ModelFolderError(
+                    _one_line(
+                        f"model folder {folder}: {name}/config.json and {name}/{file.name} disagree: {key} is "
+                        f"{list(info.shape)} in the weights but {list(shape)} by the config; fix: use the "
+                        "config.json that came with these weights"
+                    )
+                )
+    missing = []
+    for key, param in module.named_parameters(remove_duplicate=False):
+        if not any(alias in headers for alias in aliases[id(param)]):
+            missing.append(key)
+    if missing:
+        shown = ", ".join(missing[:2]) + (f" and {len(missing) - 2} more" if len(missing) > 2 else "")
+        files_named = files[0].name if len(files) == 1 else f"{len(files)} shards"
+        raise ModelFolderError(
+            _one_line(
+                f"model folder {folder}: {name}/{files_named} lacks {shown}, which {name}/config.json describes "
+                f"({len(missing)} of {len(expected)} tensors); fix: use the config.json that came with these "
+                f"weights, or {_replace(component)[5:]}"
+            )
+        )
+
+
 def load_components(
     folder: Path,
     classes: Mapping[str, type],

@@ -29,7 +29,7 @@ from engine.models.base import (
     scheduler_sigmas,
     set_vae_gradient_checkpointing,
 )
-from engine.models.loading import ComponentKind, check_model_folder, load_components
+from engine.models.loading import ComponentKind, Link, check_model_contents, check_model_folder, load_components
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,31 @@ SD3_COMPONENTS: dict[str, ComponentKind] = {
     "tokenizer_3": "tokenizer",
     "scheduler": "scheduler",
 }
+
+# The class that loads each component.
+SD3_CLASSES: dict[str, type] = {
+    "transformer": SD3Transformer2DModel,
+    "vae": AutoencoderKL,
+    "scheduler": FlowMatchEulerDiscreteScheduler,
+    "text_encoder": CLIPTextModelWithProjection,
+    "text_encoder_2": CLIPTextModelWithProjection,
+    "text_encoder_3": T5EncoderModel,
+    "tokenizer": CLIPTokenizer,
+    "tokenizer_2": CLIPTokenizer,
+    "tokenizer_3": T5TokenizerFast,
+}
+# Dimensions the components must agree on: T5's width is the context width (the CLIP token embeddings are padded to
+# it), the two CLIP projections concatenate into the pooled projection, and the transformer sees the VAE's latents.
+SD3_LINKS: tuple[Link, ...] = (
+    ("transformer", "joint_attention_dim", (("text_encoder_3", "d_model"),), 1),
+    (
+        "transformer",
+        "pooled_projection_dim",
+        (("text_encoder", "projection_dim"), ("text_encoder_2", "projection_dim")),
+        1,
+    ),
+    ("transformer", "in_channels", (("vae", "latent_channels"),), 1),
+)
 
 
 class SD3Adapter:
@@ -111,6 +136,13 @@ class SD3Adapter:
         self.num_train_timesteps = scheduler.config.num_train_timesteps
 
     @classmethod
+    def check_folder(cls, path: str | Path) -> Path:
+        """Checks an SD3 folder whole without loading a weight, as ``FluxAdapter.check_folder`` does."""
+        folder = check_model_folder(path, pipeline_class="StableDiffusion3Pipeline", components=SD3_COMPONENTS)
+        check_model_contents(folder, SD3_CLASSES, SD3_LINKS)
+        return folder
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
@@ -143,17 +175,7 @@ class SD3Adapter:
         """
         folder = check_model_folder(path, pipeline_class="StableDiffusion3Pipeline", components=SD3_COMPONENTS)
         text_dtype = text_encoder_dtype or dtype
-        classes = {
-            "transformer": SD3Transformer2DModel,
-            "vae": AutoencoderKL,
-            "scheduler": FlowMatchEulerDiscreteScheduler,
-            "text_encoder": CLIPTextModelWithProjection,
-            "text_encoder_2": CLIPTextModelWithProjection,
-            "text_encoder_3": T5EncoderModel,
-            "tokenizer": CLIPTokenizer,
-            "tokenizer_2": CLIPTokenizer,
-            "tokenizer_3": T5TokenizerFast,
-        }
+        classes = dict(SD3_CLASSES)
         if transformer is not None:
             parts = set(parts if parts is not None else classes) - {"transformer"}
         loaded = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device, parts=parts)

@@ -85,6 +85,51 @@ def test_corrupt_model_file_is_a_bad_input_naming_it(name, tmp_path, capsys, tin
     assert torch.nn.functional.linear is TORCH_LINEAR
 
 
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _swap_in_wide_t5(model: Path, tmp_path: Path) -> None:
+    from engine.models.tiny import WIDE_T5_TRANSFORMER, build_tiny_flux
+
+    other = build_tiny_flux(tmp_path / "other", transformer=WIDE_T5_TRANSFORMER)
+    shutil.rmtree(model / "text_encoder_2")
+    shutil.copytree(other / "text_encoder_2", model / "text_encoder_2")
+
+
+CONTENT_CASES = {
+    # Class 3: the folder's contents checked against each other before anything heavy loads (before: a size-mismatch
+    # traceback from deep inside from_pretrained naming the folder only, or a crash at the first text encoding).
+    "config wider than the weights": (
+        lambda model, _: _edit_json(model / "text_encoder" / "config.json", intermediate_size=48),
+        "text_encoder/config.json and text_encoder/model.safetensors disagree",
+    ),
+    "config with more blocks than the weights": (
+        lambda model, _: _edit_json(model / "transformer" / "config.json", num_layers=2),
+        "transformer/diffusion_pytorch_model.safetensors lacks transformer_blocks.1.",
+    ),
+    "truncated tokenizer JSON": (
+        lambda model, _: _truncate(model / "tokenizer_2" / "tokenizer_config.json"),
+        "tokenizer_2/tokenizer_config.json is not valid JSON",
+    ),
+    "T5 from another model": (_swap_in_wide_t5, "transformer/config.json joint_attention_dim=32 does not fit"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTENT_CASES))
+def test_model_folder_contents_disagreeing_are_one_line_before_any_work(name, tmp_path, capsys, tiny_flux_dir):
+    change, needle = CONTENT_CASES[name]
+    model = Path(shutil.copytree(tiny_flux_dir, tmp_path / "model"))
+    change(model, tmp_path)
+    capsys.readouterr()  # the builder's progress bars
+    out = tmp_path / "run"
+    argv = ["--deepspeed", str(good_ds(tmp_path)), f"output_dir={out}", f"model.path={model}"]
+    _one_line_exit_2(capsys, argv, needle, out)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("backend", ["xformers", "flash"])
 def test_missing_attention_backend_is_one_line_before_any_work(backend, tmp_path, capsys):
     pytest.importorskip("torch")
