@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import typing
 from pathlib import Path
 
@@ -391,6 +392,35 @@ def test_memory_efficient_linear_is_off_when_not_given(tmp_path, zero):
         ds["zero_optimization"] = zero
     resolved = resolve_deepspeed_config(_write_json(tmp_path, ds), 1)
     assert resolved["zero_optimization"]["memory_efficient_linear"] is False
+
+
+ZERO_INIT_PROBE = """
+import os, sys, torch, deepspeed
+from engine.config import resolve_deepspeed_config
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+deepspeed.init_distributed("gloo")
+linear = torch.nn.functional.linear
+with deepspeed.zero.Init(config_dict_or_path=resolve_deepspeed_config(sys.argv[1], 1)):
+    torch.nn.Linear(4, 4)
+print(torch.nn.functional.linear is linear)
+"""
+
+
+def test_zero_init_with_a_resolved_config_keeps_torch_linear(tmp_path):
+    # A user JSON without the key (DeepSpeed's default would replace torch's linear for the rest of the process).
+    import subprocess
+    import sys
+
+    from tests.distributed.test_zero3_two_ranks import free_port
+
+    ds = {k: v for k, v in BASE_DS.items() if k != "zero_optimization"} | {"zero_optimization": {"stage": 3}}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    done = subprocess.run(
+        [sys.executable, "-c", ZERO_INIT_PROBE, _write_json(tmp_path, ds), str(free_port())],
+        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True", done.stdout
 
 
 def test_memory_efficient_linear_true_is_refused(tmp_path):
