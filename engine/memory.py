@@ -17,7 +17,7 @@ Measurement (used by ``benchmarks/memory_vs_depth.py`` and the tests):
   the kernel's high-water mark ``VmHWM``, read back after the region; the result is the peak minus ``VmRSS`` at
   entry. Where the reset is not allowed a thread samples ``/proc/self/statm`` every millisecond instead.
 
-Planning (``launch/plan.py``): :func:`plan_memory` predicts per-GPU peak bytes from the architecture config
+Planning (``launch/plan.py``, ``engine/planner.py``) predicts per-GPU peak bytes from the architecture config
 (parameters counted exactly on the meta device), ZeRO stage, world size, optimizer offload, LoRA rank, resolution,
 objective, activation checkpointing and rollout parameter gathering. The activation terms use one calibrated
 formula (see :data:`CALIBRATION`):
@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -407,6 +407,11 @@ class Calibration:
     vae_plain: float = 6.0
     vae_checkpointed: float = 1.5
     source: str = "defaults (run benchmarks/memory_vs_depth.py to fit)"
+    # Saved bytes of a reward's forward with an input gradient per (layer × token × width × element byte), by family
+    # (engine/planner.py's RewardArch.family); fitted by benchmarks/reward_memory.py.
+    reward: dict[str, list[float]] = field(default_factory=dict)  # family → one constant per tower
+    reward_input: dict[str, float] = field(default_factory=dict)  # family → the rest, per input pixel (3·px²·4)
+    reward_source: str = ""
 
 
 # Shipped with the package (setup.py package_data): an installed copy plans with the constants that were measured.
@@ -507,163 +512,3 @@ def activation_bytes(
         "peak": int(peak),
         "recompute": int(recompute),
     }
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Planner
-
-
-@dataclass
-class PlanInput:
-    """One training set-up to budget. See ``launch/plan.py --help`` for the meaning of each field."""
-
-    model: str = "flux-dev"
-    world_size: int = 8
-    gpu_memory_gib: float = 80.0
-    zero_stage: int = 3
-    offload_optimizer: bool = False
-    lora_rank: int = 0
-    height: int = 720
-    width: int = 720
-    batch_size: int = 1
-    objective: str = "leapalign"
-    n_leaps: int = 2
-    num_steps: int = 25
-    checkpointing: bool = True
-    gather: str = "once"  # "once" | "per_call"
-    element_bytes: int = 2  # bf16 weights and activations
-    reserve_gib: float = 1.5  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation
-
-    def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r} is unknown; choose one of {sorted(MODELS)}")
-        if self.zero_stage not in (0, 2, 3):
-            raise ValueError(f"zero_stage={self.zero_stage} must be 0, 2 or 3")
-        if self.gather not in ("once", "per_call"):
-            raise ValueError(f"gather={self.gather!r} must be 'once' or 'per_call'")
-        if self.world_size < 1:
-            raise ValueError(f"world_size={self.world_size} must be >= 1")
-
-
-@dataclass
-class MemoryPlan:
-    """Per-GPU byte breakdown; ``total`` is their sum, ``fits`` compares it with the GPU's memory."""
-
-    inputs: PlanInput
-    breakdown: dict[str, int] = field(default_factory=dict)
-    host_bytes: int = 0
-    off_peak: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(self.breakdown.values())
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.inputs.gpu_memory_gib * GiB
-
-    def format(self) -> str:
-        i = self.inputs
-        lines = [
-            f"{i.model}: {i.height}x{i.width}, batch {i.batch_size}, {i.objective}"
-            + (f" ({i.n_leaps} leaps)" if i.objective == "leapalign" else "")
-            + f", T={i.num_steps}, ZeRO-{i.zero_stage} × {i.world_size} GPUs"
-            + (", optimizer offload" if i.offload_optimizer else "")
-            + (f", LoRA r={i.lora_rank}" if i.lora_rank else ", full fine-tuning")
-            + f", checkpointing {'on' if i.checkpointing else 'off'}, rollout gather={i.gather}",
-            f"{'component':<34}{'GiB':>10}",
-        ]
-        for name, value in self.breakdown.items():
-            lines.append(f"{name:<34}{value / GiB:>10.2f}")
-        lines.append(f"{'total per GPU (peak)':<34}{self.total / GiB:>10.2f}")
-        for name, value in self.off_peak.items():
-            lines.append(f"  (other phase, not at peak) {name}: {value / GiB:.2f} GiB")
-        verdict = "fits" if self.fits else "does NOT fit"
-        lines.append(f"{verdict} in {i.gpu_memory_gib:g} GiB ({self.total / (i.gpu_memory_gib * GiB):.0%} used)")
-        if self.host_bytes:
-            lines.append(f"host memory per GPU (offloaded optimizer): {self.host_bytes / GiB:.2f} GiB")
-        lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {"inputs": asdict(self.inputs), "breakdown": self.breakdown, "total": self.total, "fits": self.fits}
-
-
-def plan_memory(inputs: PlanInput, calibration: Calibration | None = None) -> MemoryPlan:
-    """Predicts per-GPU peak memory of one training step (see the module docstring for the activation formula).
-
-    Bytes per parameter: bf16 weights (2); fp32 gradients (4, DeepSpeed accumulates in fp32); AdamW fp32 master
-    copy + two moments (12). ZeRO-2 shards gradients and optimizer states over the world, ZeRO-3 also the weights;
-    offload moves optimizer states (and their fp32 gradients) to host memory. With LoRA only the adapter
-    parameters carry gradients and optimizer states. ZeRO-3 rollouts gather the full bf16 weights once per rollout
-    (``gather="once"``) or one block at a time (``"per_call"``).
-    """
-    i = inputs
-    spec = MODELS[i.model]
-    counts = parameter_counts(spec, i.lora_rank)
-    world = i.world_size
-    base = counts["transformer"]
-    trainable = counts["lora"] if i.lora_rank else base
-    e = i.element_bytes
-
-    plan = MemoryPlan(inputs=i)
-    b = plan.breakdown
-    weights = (base + counts["lora"]) * e
-    b["parameters (bf16)"] = weights // world if i.zero_stage == 3 else weights
-    b["frozen VAE (bf16)"] = counts["vae"] * e
-    grads = trainable * 4
-    optimizer = trainable * 12
-    if i.zero_stage >= 2:
-        grads //= world
-        optimizer //= world
-    if i.offload_optimizer:
-        plan.host_bytes = optimizer + grads
-        b["gradients (fp32)"] = trainable * e // (world if i.zero_stage >= 2 else 1)  # bf16 reduce buckets only
-        b["optimizer states (fp32)"] = 0
-    else:
-        b["gradients (fp32)"] = grads
-        b["optimizer states (fp32)"] = optimizer
-    # Two phases share the remaining memory: the rollout (gathered weights, no graph) and the gradient passes
-    # (block-by-block gathers, activations, reward graph). The larger one is the peak; the other is shown apart.
-    rollout_phase = {"rollout gathered copy": 0}
-    if i.zero_stage == 3:
-        if i.gather == "once":
-            rollout_phase["rollout gathered copy"] = weights - b["parameters (bf16)"]
-        else:
-            rollout_phase["rollout gathered copy"] = 2 * counts["largest_block"] * e  # current block + prefetch
-            plan.notes.append("gather=per_call: each velocity call re-gathers every block (slower rollout)")
-    acts = activation_bytes(
-        spec,
-        i.objective,
-        n_leaps=i.n_leaps,
-        num_steps=i.num_steps,
-        height=i.height,
-        width=i.width,
-        batch_size=i.batch_size,
-        checkpointing=i.checkpointing,
-        element_bytes=e,
-        calibration=calibration,
-    )
-    _, together = gradient_passes(i.objective, i.n_leaps, i.num_steps)
-    gradient_phase = {
-        "gradient-pass activations": acts["transformer"],
-        # decoupled: the reward graph is freed before the leap graph exists, so only its excess counts
-        "reward/VAE graph": acts["reward"] if together else max(0, acts["reward"] - acts["transformer"]),
-    }
-    if acts["recompute"]:
-        gradient_phase["checkpoint recompute (transient)"] = acts["recompute"]
-    if i.zero_stage == 3:
-        gradient_phase["ZeRO-3 block gathers"] = 2 * counts["largest_block"] * e
-    if not together:
-        plan.notes.append("reward gradient decoupled: reward graph and leap graph are never alive together")
-    peak_phase, other = (
-        (rollout_phase, gradient_phase)
-        if sum(rollout_phase.values()) > sum(gradient_phase.values())
-        else (gradient_phase, rollout_phase)
-    )
-    b.update(peak_phase)
-    plan.off_peak = other
-    b["workspace reserve"] = int(i.reserve_gib * GiB)
-    plan.notes.append(f"trainable parameters: {trainable / 1e9:.3f} B of {base / 1e9:.3f} B")
-    return plan

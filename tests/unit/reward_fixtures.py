@@ -27,7 +27,7 @@ TINY_OPEN_CLIP_CFG = {
 }
 
 
-def build_tiny_hf_clip(folder: Path, projection_dim: int = 16, seed: int = 0) -> Path:
+def build_tiny_hf_clip(folder: Path, projection_dim: int = 16, seed: int = 0, vision: dict | None = None) -> Path:
     """A random CLIPModel (hidden 32, one layer per tower, 224 px / 32 px patches) saved with its processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -45,7 +45,7 @@ def build_tiny_hf_clip(folder: Path, projection_dim: int = 16, seed: int = 0) ->
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(tower, image_size=224, patch_size=32),
+        vision_config={**tower, "image_size": 224, "patch_size": 32, **(vision or {})},
         projection_dim=projection_dim,
     )
     CLIPModel(config).save_pretrained(folder, safe_serialization=True)
@@ -54,18 +54,21 @@ def build_tiny_hf_clip(folder: Path, projection_dim: int = 16, seed: int = 0) ->
     return folder
 
 
-def build_tiny_hps(folder: Path, filename: str = "HPS_v2.1_compressed.pt", seed: int = 0) -> Path:
+def build_tiny_hps(
+    folder: Path, filename: str = "HPS_v2.1_compressed.pt", seed: int = 0, cfg: dict | None = None
+) -> Path:
     """A random tiny open_clip CLIP saved as HPS does: ``{"state_dict": model.state_dict()}``. Returns the file."""
     import open_clip
     from open_clip import factory
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    factory._MODEL_CONFIGS["tiny-hps-fixture"] = TINY_OPEN_CLIP_CFG
+    cfg = cfg or TINY_OPEN_CLIP_CFG
+    factory._MODEL_CONFIGS["tiny-hps-fixture"] = cfg
     torch.manual_seed(seed)
     model = open_clip.create_model("tiny-hps-fixture", pretrained=None)
     (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_name": "tiny-hps", "model_cfg": TINY_OPEN_CLIP_CFG}), encoding="utf-8"
+        json.dumps({"model_name": "tiny-hps", "model_cfg": cfg}), encoding="utf-8"
     )
     torch.save({"state_dict": model.state_dict()}, folder / filename)
     return folder / filename

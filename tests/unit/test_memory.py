@@ -6,16 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.memory import (
-    MODELS,
-    Calibration,
-    PlanInput,
-    SavedTensorCounter,
-    activation_bytes,
-    parameter_counts,
-    plan_memory,
-)
+from engine.memory import MODELS, Calibration, SavedTensorCounter, activation_bytes, parameter_counts
 from engine.objectives import build_objective
+from engine.planner import PlanInput, plan_memory
 
 CAL = Calibration(block_plain=20.0, block_checkpointed=2.0, vae_plain=8.0, vae_checkpointed=2.0, source="test")
 
@@ -75,17 +68,18 @@ def test_planner_breakdown_adds_up_and_scales():
     assert plan.total == sum(plan.breakdown.values())
     assert plan.fits == (plan.total <= 1.0 * 2**30)
     counts = parameter_counts(MODELS["tiny"])
-    assert plan.breakdown["parameters (bf16)"] == counts["transformer"] * 2
+    assert plan.breakdown["transformer parameters (bf16)"] == counts["transformer"] * 2
     assert plan.breakdown["optimizer states (fp32)"] == counts["transformer"] * 12
     # ZeRO-3 divides the weights by the world size (ZeRO-2 only gradients and optimizer states)
     zero3 = plan_memory(tiny_plan(zero_stage=3, world_size=8), CAL)
-    assert zero3.breakdown["parameters (bf16)"] == plan.breakdown["parameters (bf16)"] // 8
+    assert zero3.breakdown["transformer parameters (bf16)"] == plan.breakdown["transformer parameters (bf16)"] // 8
     zero2 = plan_memory(tiny_plan(zero_stage=2, world_size=8), CAL)
-    assert zero2.breakdown["parameters (bf16)"] == plan.breakdown["parameters (bf16)"]
+    assert zero2.breakdown["transformer parameters (bf16)"] == plan.breakdown["transformer parameters (bf16)"]
     assert zero2.breakdown["optimizer states (fp32)"] == plan.breakdown["optimizer states (fp32)"] // 8
     # offload moves the optimizer states to the host
     offload = plan_memory(tiny_plan(offload_optimizer=True), CAL)
-    assert offload.breakdown["optimizer states (fp32)"] == 0 and offload.host_bytes > 0
+    assert "optimizer states (fp32)" not in offload.resident
+    assert offload.host_bytes["offloaded optimizer states + fp32 gradients"] == counts["transformer"] * 16
 
 
 def test_planner_lora_removes_most_optimizer_state_on_flux_dev():
@@ -115,7 +109,7 @@ def test_plan_cli_prints_the_breakdown(capsys):
     args = "--model flux-dev --world-size 8 --gpu-memory 24 --zero 3 --offload-optimizer --resolution 720"
     code = main(args.split())
     out = capsys.readouterr().out
-    for part in ("parameters (bf16)", "optimizer states", "rollout gathered copy", "gradient-pass activations"):
+    for part in ("transformer parameters (bf16)", "offloaded optimizer", "gathered transformer copy", "leap-pass"):
         assert part in out
     assert ("does NOT fit" in out) == (code == 1)
 

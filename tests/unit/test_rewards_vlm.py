@@ -352,7 +352,21 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, folder):
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_tiny_hpsv3(folder: Path, seed: int = 0, legacy_keys: bool = True, width: int = 32, layers: int = 1) -> Path:
+def _mrope(head_dim: int) -> list[int]:
+    """Qwen2-VL's (temporal, height, width) rotary split of head_dim / 2: [16, 24, 24] at 128, [2, 3, 3] at 16."""
+    return [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+
+
+def build_tiny_hpsv3(
+    folder: Path,
+    seed: int = 0,
+    legacy_keys: bool = True,
+    width: int = 32,
+    layers: int = 1,
+    heads: int = 2,
+    intermediate: int | None = None,
+    vision: dict | None = None,
+) -> Path:
     """``HPSv3.safetensors`` (the reward model's state dict, transformers-4.45 key names by default, ranknet head) and
     ``qwen2vl/`` (a tiny Qwen2-VL config, a byte-level Qwen2 tokenizer without merges, preprocessor_config.json)."""
     from safetensors.torch import save_file
@@ -373,14 +387,18 @@ def build_tiny_hpsv3(folder: Path, seed: int = 0, legacy_keys: bool = True, widt
         text_config=dict(
             vocab_size=len(tokenizer) + 1,  # + <|Reward|>, as the reference's resize_token_embeddings
             hidden_size=width,
-            intermediate_size=2 * width,
+            intermediate_size=intermediate or 2 * width,
             num_hidden_layers=layers,
-            num_attention_heads=2,
+            num_attention_heads=heads,
             num_key_value_heads=1,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope(width // heads)},
             tie_word_embeddings=False,
         ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2),
+        vision_config=dict(
+            dict(depth=1, embed_dim=32, num_heads=2, patch_size=14, spatial_merge_size=2),
+            **(vision or {}),
+            hidden_size=width,
+        ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
