@@ -117,9 +117,34 @@ def preflight(cfg: TrainConfig, world_size: int, ds_config: dict | None = None) 
     if cfg.data.eval_prompts:
         read_prompts(cfg.data.eval_prompts, "data.eval_prompts")
     check_resume(cfg, world_size, ds_config)
+    if ds_config is not None:
+        check_cpu_adam(ds_config)
     check_seed(cfg)
     if cfg.optim.lora_rank > 0:
         check_lora_targets(cfg)
+
+
+def check_cpu_adam(ds_config: dict) -> None:
+    """Offloaded optimizer states step with DeepSpeedCPUAdam unless ``torch_adam: true``: its ``cpu_adam`` op must
+    build (or be prebuilt) here. Built now, once (torch caches it), so a missing compiler stops the run before any
+    model loads instead of after."""
+    zero = ds_config.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    if offload == "none" or params.get("torch_adam", False):
+        return
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure is the same bad input: name it, give the fix
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise ConfigError(
+            "deepspeed config: zero_optimization.offload_optimizer steps with DeepSpeedCPUAdam, whose cpu_adam op "
+            f"cannot be built here ({first}); fix: install a C++ compiler and ninja (or a DeepSpeed built with "
+            "DS_BUILD_CPU_ADAM=1), or set optimizer.params.torch_adam: true (torch's AdamW, a much slower offloaded "
+            "step)"
+        ) from None
 
 
 # Per-sample noise seeds are seed · 1_000_000_007 + global position (engine.trainer); torch seeds are 64-bit.

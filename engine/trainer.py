@@ -222,14 +222,19 @@ class Trainer:
         )
         n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.trainable)
         n_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.transformer.parameters())
+        zero = self.ds_config.get("zero_optimization", {})
+        offloaded = [k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param")
+                     if (zero.get(k) or {}).get("device", "none") != "none"]  # fmt: skip
         log_rank0(
-            "transformer: %.2fM parameters, %.2fM trainable (%s), ZeRO stage %d on %d rank(s), %s",
+            "transformer: %.2fM parameters, %.2fM trainable (%s), ZeRO stage %d on %d rank(s), %s, optimizer %s%s",
             n_total / 1e6,
             n_trainable / 1e6,
             "LoRA" if self.cfg.optim.lora_rank else "full",
             self.zero_stage,
             self.world_size,
             self.train_dtype,
+            type(getattr(self.engine, "basic_optimizer", None) or self.engine.optimizer).__name__,
+            f", offloaded: {' and '.join(offloaded)}" if offloaded else "",
         )
         if self.zero_stage == 3 and self.cfg.rollout.gather_params == "once":
             full_bytes = n_total * torch.finfo(self.train_dtype).bits // 8

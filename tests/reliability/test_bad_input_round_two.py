@@ -295,3 +295,20 @@ def test_a_folder_left_before_the_first_checkpoint_is_not_appended_to(marker, ti
     assert (out / "images" / "start.png").read_bytes() != b"stale"
     assert not (out / "INCOMPLETE").exists()  # the run's checkpoint made the folder trustworthy
     assert "stopped before its first checkpoint" in result.stderr
+
+
+def test_cpu_adam_that_cannot_build_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    # Offloaded optimizer states step with DeepSpeedCPUAdam unless torch_adam is true; a machine where its op cannot
+    # build used to fail inside deepspeed.initialize, after every model had loaded.
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension 'cpu_adam'")
+
+    monkeypatch.setattr(CPUAdamBuilder, "load", fail)
+    ds = _with(lambda d: d["zero_optimization"].update(offload_optimizer={"device": "cpu"}))
+    ds["optimizer"]["params"]["torch_adam"] = False
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    _one_line_exit_2(capsys, ["--deepspeed", str(path), f"output_dir={out}"], "set optimizer.params.torch_adam", out)
