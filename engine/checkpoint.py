@@ -272,6 +272,6 @@ def _write_export(trainer: Trainer, state: dict[str, torch.Tensor], out: Path, s
 
 
 def _pipeline_class(trainer: Trainer):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from engine.models.kinds import model_kind
 
-    return FluxPipeline if trainer.cfg.model.kind == "flux" else StableDiffusion3Pipeline
+    return model_kind(trainer.cfg.model.kind).pipeline

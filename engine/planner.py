@@ -44,6 +44,7 @@ from engine.memory import (
     load_calibration,
     parameter_counts,
 )
+from engine.world.paths import REWARD_CONFIG
 
 # --------------------------------------------------------------------------------------------------------------------
 # Frozen models: text encoders and rewards, counted from their released configs
@@ -197,7 +198,7 @@ def _hpsv3_template_tokens() -> int:
 # image tokens + the chat template through the LM.
 _QWEN2_VL_448 = (Tower(32, 1024, 1280), Tower(28, 256 + _hpsv3_template_tokens(), 3584))
 
-_WORLD_CLIP_CFG = Path(__file__).parent / "world" / "assets" / "reward" / "open_clip_config.json"
+_WORLD_CLIP_CFG = REWARD_CONFIG
 
 
 def _world_clip() -> RewardArch:
@@ -250,19 +251,18 @@ def reward_graph_bytes(arch: RewardArch, calibration: Calibration, element_bytes
 
 def spec_from_folder(folder: str | Path, kind: str) -> ModelSpec:
     """The architecture of a local diffusers folder: its transformer's and VAE's config.json, its text length."""
-    from engine.text_phase import ADAPTERS
+    from engine.models.kinds import model_kind
 
-    folder = Path(folder)
+    folder, model = Path(folder), model_kind(kind)
 
     def config(name: str) -> dict:
         data = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
         return {k: v for k, v in data.items() if not k.startswith("_")}
 
-    tokens = ADAPTERS[kind].sequence_length(folder)
+    tokens = model.text_tokens(model.adapter.sequence_length(folder))
     return ModelSpec(
-        str(folder), kind, config("transformer"), config("vae"),
-        text_tokens=tokens if kind == "flux" else 77 + tokens, cfg_batch=1 if kind == "flux" else 2,
-    )  # fmt: skip
+        str(folder), kind, config("transformer"), config("vae"), text_tokens=tokens, cfg_batch=model.cfg_batch
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -51,9 +51,9 @@ def check_model(cfg: TrainConfig) -> None:
     and safetensors header reads and whose weights have the names and shapes its configs describe."""
     if cfg.model.path is None:
         return
-    from engine.text_phase import ADAPTERS
+    from engine.models.kinds import model_kind
 
-    ADAPTERS[cfg.model.kind].check_folder(cfg.model.path)
+    model_kind(cfg.model.kind).adapter.check_folder(cfg.model.path)
 
 
 def check_resume(cfg: TrainConfig, world_size: int, ds_config: dict | None = None) -> None:
@@ -162,11 +162,11 @@ def check_seed(cfg: TrainConfig) -> None:
 def check_lora_targets(cfg: TrainConfig) -> None:
     """LoRA targets match modules of the transformer, checked on a meta-device copy built from its config."""
     import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+    from engine.models.kinds import model_kind
     from engine.text_phase import model_folder
 
-    cls = FluxTransformer2DModel if cfg.model.kind == "flux" else SD3Transformer2DModel
+    cls = model_kind(cfg.model.kind).transformer
     folder = model_folder(cfg.model) / "transformer"
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(folder))

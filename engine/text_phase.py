@@ -18,18 +18,12 @@ import torch.distributed as dist
 
 from engine.config import TrainConfig
 from engine.embeddings import EmbeddingStore, text_encoder_identity
-from engine.models import FluxAdapter, SD3Adapter
 from engine.models.base import release_memory
+from engine.models.kinds import model_kind
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ADAPTERS = {"flux": FluxAdapter, "sd3": SD3Adapter}
-# What the text phase loads, per model kind.
-TEXT_PARTS = {
-    "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"),
-}
 
 
 def frozen_dtype_on(name: str, device: torch.device) -> torch.dtype:
@@ -50,20 +44,20 @@ def model_folder(model_cfg) -> Path:
     """The run's model folder: ``model.path``, or the embedded world's pretrained model committed with the code."""
     if model_cfg.path is not None:
         return Path(model_cfg.path)
-    from engine.world.build import MODEL_DIR
+    from engine.world.paths import MODEL_DIR
 
     return MODEL_DIR
 
 
 def store_for(cfg: TrainConfig, folder: Path, output_dir: Path, text_device: torch.device) -> EmbeddingStore:
     """The store the run's settings select: keyed by the text encoders' files, tokenizer settings and dtype."""
-    kind = cfg.model.kind
+    kind = model_kind(cfg.model.kind)
     key = {
         "format": 1,
-        "kind": kind,
-        "files": text_encoder_identity(folder, [p for p in TEXT_PARTS[kind] if p != "scheduler"]),
-        "max_sequence_length": ADAPTERS[kind].sequence_length(folder),
-        "negative_prompt": cfg.model.negative_prompt if kind == "sd3" else None,
+        "kind": kind.name,
+        "files": text_encoder_identity(folder, [p for p in kind.text_parts if p != "scheduler"]),
+        "max_sequence_length": kind.adapter.sequence_length(folder),
+        "negative_prompt": cfg.model.negative_prompt if kind.negative_prompt else None,
         "dtype": str(frozen_dtype_on(cfg.model.frozen_dtype, text_device)),
         "device_type": text_device.type,
     }
@@ -90,10 +84,10 @@ def encode_prompts(
     before = rss_bytes()
     encode, text = None, None
     if share:
-        kind = cfg.model.kind
+        kind = model_kind(cfg.model.kind)
         dtype = frozen_dtype_on(cfg.model.frozen_dtype, text_device)
-        text = ADAPTERS[kind].from_pretrained(str(folder), device=text_device, dtype=dtype, parts=TEXT_PARTS[kind])
-        negative = [cfg.model.negative_prompt] if kind == "sd3" else None
+        text = kind.adapter.from_pretrained(str(folder), device=text_device, dtype=dtype, parts=kind.text_parts)
+        negative = [cfg.model.negative_prompt] if kind.negative_prompt else None
         encode = lambda chunk: text.encode_prompts(chunk, negative * len(chunk) if negative else None)  # noqa: E731
     with torch.no_grad():
         encoded = store.build(prompts, encode, rank=rank, world_size=world, progress=rank == 0 and cfg.logging.progress)

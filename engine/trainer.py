@@ -31,7 +31,7 @@ from engine import checkpoint as ckpt
 from engine.config import TrainConfig, deepspeed_precision, save_config
 from engine.data import PromptOrder, run_prompts
 from engine.ema import ShardedEMA
-from engine.models import FluxAdapter, SD3Adapter
+from engine.models.kinds import model_kind
 from engine.models.partitioned import build_partitioned, fix_mmap_threshold
 from engine.objectives import Objective, StepBatch, build_objective
 from engine.parallelize import apply_activation_checkpointing, apply_attention_backend, apply_lora
@@ -42,13 +42,6 @@ from engine.text_phase import encode_prompts, frozen_dtype_on, model_folder
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# The transformer class built partitioned under ZeRO-3, per model kind.
-def _transformer_class(kind: str) -> type:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    return FluxTransformer2DModel if kind == "flux" else SD3Transformer2DModel
 
 
 def log_rank0(message: str, *args) -> None:
@@ -144,14 +137,13 @@ class Trainer:
     def _build_model(self) -> None:
         """The VAE (frozen, every rank) and the trainable transformer: partitioned as it is built under ZeRO-3."""
         model_cfg, folder = self.cfg.model, self._model_folder()
-        adapter_cls = FluxAdapter if model_cfg.kind == "flux" else SD3Adapter
+        kind = model_kind(model_cfg.kind)
+        adapter_cls = kind.adapter
         frozen_dtype = frozen_dtype_on(model_cfg.frozen_dtype, self.device)
         if self.zero_stage == 3:
             # No rank ever holds the whole transformer: zero.Init partitions it as it is built, and each rank
             # reads only its partitions' elements from the checkpoint.
-            transformer = build_partitioned(
-                _transformer_class(model_cfg.kind), folder / "transformer", self.ds_config, self.train_dtype
-            )
+            transformer = build_partitioned(kind.transformer, folder / "transformer", self.ds_config, self.train_dtype)
             self.adapter = adapter_cls.from_pretrained(
                 str(folder), device=self.device, dtype=frozen_dtype, parts=("vae", "scheduler"), transformer=transformer
             )
@@ -161,7 +153,7 @@ class Trainer:
                 str(folder), device=self.device, dtype=frozen_dtype, parts=("transformer", "vae", "scheduler")
             )
             transformer = self.adapter.transformer.to(self.train_dtype)
-        if model_cfg.kind == "sd3":
+        if kind.negative_prompt:
             self.adapter.cfg_negative_no_grad = model_cfg.cfg_negative_no_grad
         self.adapter.vae_gradient_checkpointing(model_cfg.vae_gradient_checkpointing)
 

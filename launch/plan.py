@@ -71,6 +71,7 @@ def _from_run(args: argparse.Namespace) -> dict:
     found: dict = {}
     if args.config:
         from engine.config import load_config
+        from engine.models.kinds import model_kind
         from engine.text_phase import model_folder
 
         cfg = load_config(args.config)
@@ -78,7 +79,7 @@ def _from_run(args: argparse.Namespace) -> dict:
         if (folder / "transformer" / "config.json").is_file():
             found["spec"] = spec_from_folder(folder, cfg.model.kind)
         else:
-            found["model"] = "flux-dev" if cfg.model.kind == "flux" else "sd35-medium"
+            found["model"] = model_kind(cfg.model.kind).planner_spec
         found.update(
             lora_rank=cfg.optim.lora_rank, resolution=max(cfg.model.height, cfg.model.width),
             objective=cfg.method.objective, n_leaps=cfg.method.n_leaps, steps=cfg.rollout.num_steps,

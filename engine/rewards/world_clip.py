@@ -14,7 +14,7 @@ import torch
 
 from engine.rewards.base import RewardSpec, register
 from engine.rewards.hps import HPSReward, load_hps
-from engine.world.build import REWARD_DIR, REWARD_FILE
+from engine.world.paths import REWARD_DIR, REWARD_FILE
 
 DEFAULT_LAM = 0.9
 DEFAULT_ALPHA = 0.3

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.models.loading import strip_machine_paths
+from engine.world.paths import ASSETS, REWARD_FILE
 from engine.world.scenes import (
     COLORS,
     MAX_COUNT,
@@ -66,10 +67,6 @@ from engine.world.scenes import (
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).with_name("assets")
-MODEL_DIR = ASSETS / "model"
-REWARD_DIR = ASSETS / "reward"
-REWARD_FILE = "world_clip.pt"
 IMAGE_SIZE = 32
 T5_MAX_LENGTH = 12  # the longest caption is 11 word tokens + </s>
 TEXT_DIM = 32

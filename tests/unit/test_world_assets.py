@@ -11,8 +11,9 @@ import torch
 
 from engine.models import FluxAdapter
 from engine.rewards import load_reward
-from engine.world.build import MODEL_DIR, hard_negatives
+from engine.world.build import hard_negatives
 from engine.world.evaluate import evaluate_model, generate, prompt_set, world_prompt
+from engine.world.paths import MODEL_DIR
 from engine.world.scenes import CATEGORIES, render
 
 
