@@ -1,0 +1,173 @@
+"""Gradient fidelity: how well each objective's gradient points along the exact full-trajectory gradient.
+
+In the embedded world (its pretrained model and ``world_clip`` reward, 32², T = 25, fp32 on CPU), for each of
+``--batches`` batches of fine-tuning prompts (the categories mixed, fixed noise per batch):
+
+- the exact gradient: ``full_backprop`` (the hinge loss through all T Euler steps), deterministic;
+- each objective's gradient over ``--draws`` draws of its random choices (anchor times, stop step, re-noising);
+
+and reports the cosine of single draws with the exact gradient (mean ± sd) and the cosine of their mean (what an
+average over many steps or ranks follows). The similarity weight rescales each sample's term, so LeapAlign's
+direction differs from the exact one even with exact velocities; cosines are scale-free.
+
+    python benchmarks/gradient_fidelity.py       # ~10 min on 2 cores; benchmarks/results/gradient_fidelity_cpu.*
+
+Part of issue 14 (the fresh-sample gain, one normalised step scored on fresh images, is not here yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import RESULTS, stamp, write_jsonl  # noqa: E402
+from engine.objectives import StepBatch, build_objective  # noqa: E402
+from engine.rollout import rollout  # noqa: E402
+
+STEPS, SIZE = 25, 32
+# (label, objective, options): LeapAlign as the paper runs it, its ablations, and the baselines.
+OBJECTIVES = [
+    ("LeapAlign (2 leaps, α 0.3)", "leapalign", dict(n_leaps=2, alpha=0.3)),
+    ("LeapAlign α 1", "leapalign", dict(n_leaps=2, alpha=1.0)),
+    ("LeapAlign α 0", "leapalign", dict(n_leaps=2, alpha=0.0)),
+    ("LeapAlign, no similarity weight", "leapalign", dict(n_leaps=2, alpha=0.3, use_similarity_weight=False)),
+    ("LeapAlign 1 leap", "leapalign", dict(n_leaps=1, alpha=0.3)),
+    ("LeapAlign 3 leaps", "leapalign", dict(n_leaps=3, alpha=0.3)),
+    ("ReFL", "refl", {}),
+    ("DRTune", "drtune", {}),
+    ("DRaFT-LV", "draft_lv", {}),
+]
+
+
+def setup():
+    from engine.models import FluxAdapter
+    from engine.rewards import HingeTerm, RewardCriterion, load_reward
+    from engine.world.evaluate import prompt_set
+    from engine.world.paths import MODEL_DIR
+
+    adapter = FluxAdapter.from_pretrained(str(MODEL_DIR), device="cpu", dtype=torch.float32)
+    adapter.transformer.requires_grad_(True)
+    reward = load_reward("world_clip", None, "cpu", torch.float32)
+    criterion = RewardCriterion([HingeTerm(reward, reward.default_lam, 1.0)])
+    by_category: dict[str, list[str]] = {}
+    for prompt in prompt_set("finetune", per_category=64):
+        by_category.setdefault(prompt.category, []).append(prompt.text)
+    # round robin over the categories, so every batch mixes them
+    prompts = [texts[i] for i in range(64) for texts in by_category.values() if i < len(texts)]
+    return adapter, criterion, prompts
+
+
+def gradient(adapter, objective, batch: StepBatch, plan) -> torch.Tensor:
+    params = [p for p in adapter.transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    objective.forward_backward(batch, plan)
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    adapter, criterion, pool = setup()
+    meta = stamp(torch.device("cpu"))
+    started = time.perf_counter()
+    rows = []
+    for b in range(args.batches):
+        prompts = pool[b * args.batch_size : (b + 1) * args.batch_size]
+        cond = adapter.encode_prompts(prompts)
+        x1 = adapter.prepare_noise(len(prompts), SIZE, SIZE, [1000 * b + i for i in range(len(prompts))])
+        grid = adapter.time_grid(STEPS, SIZE, SIZE)
+        trajectory = rollout(
+            adapter, cond, x1, grid, guidance_scale=3.5, keep="all", dtype=torch.float32, height=SIZE, width=SIZE
+        )
+
+        def batch_for(seed: int, cond=cond, prompts=prompts, trajectory=trajectory) -> StepBatch:
+            return StepBatch(
+                adapter=adapter, cond=cond, prompts=prompts, trajectory=trajectory, criterion=criterion,
+                height=SIZE, width=SIZE, guidance_scale=3.5, generator=torch.Generator().manual_seed(seed),
+                dtype=torch.float32,
+            )  # fmt: skip
+
+        exact_objective = build_objective("full_backprop", STEPS, checkpoint_steps=False)
+        exact = gradient(adapter, exact_objective, batch_for(0), exact_objective.plan())
+        for label, name, options in OBJECTIVES:
+            objective = build_objective(name, STEPS, seed=b, **options)
+            draws = [gradient(adapter, objective, batch_for(d), objective.plan()) for d in range(args.draws)]
+            singles = [cosine(g, exact) for g in draws]
+            rows.append(
+                {
+                    "objective": label, "batch": b, "draws": args.draws, "single_cosines": singles,
+                    "mean_of_draws_cosine": cosine(torch.stack(draws).mean(0), exact), **meta,
+                }
+            )  # fmt: skip
+            print(
+                f"batch {b} {label}: single {statistics.mean(singles):.3f}, mean {rows[-1]['mean_of_draws_cosine']:.3f}"
+            )
+    seconds = time.perf_counter() - started
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.output / "gradient_fidelity_cpu.jsonl", rows)
+    lines = [
+        "# Gradient fidelity in the embedded world (CPU, fp32)",
+        "",
+        f"Commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}, torch {meta['torch']}, {meta['date']}, "
+        f"{seconds / 60:.1f} min. world model + world_clip, 32², T = {STEPS}; {args.batches} batches of "
+        f"{args.batch_size} fine-tuning prompts; {args.draws} draws per objective and batch. Cosine with the exact "
+        "gradient through all 25 Euler steps (full backprop).",
+        "",
+        "| objective | single draw: cosine (mean ± sd, draws × batches) | mean of draws: cosine (mean over batches) |",
+        "|---|---|---|",
+    ]
+    for label, _, _ in OBJECTIVES:
+        mine = [r for r in rows if r["objective"] == label]
+        singles = [c for r in mine for c in r["single_cosines"]]
+        means = [r["mean_of_draws_cosine"] for r in mine]
+        lines.append(
+            f"| {label} | {statistics.mean(singles):.3f} ± {statistics.stdev(singles):.3f} | "
+            f"{statistics.mean(means):.3f} |"
+        )
+    (args.output / "gradient_fidelity_cpu.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(rows, args.output / "gradient_fidelity_cpu.png")
+    print("\n".join(lines))
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, _, _ in OBJECTIVES]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, label in enumerate(labels):
+        mine = [r for r in rows if r["objective"] == label]
+        singles = [c for r in mine for c in r["single_cosines"]]
+        ax.scatter([i] * len(singles), singles, s=10, alpha=0.4, color="tab:blue")
+        ax.scatter([i] * len(mine), [r["mean_of_draws_cosine"] for r in mine], s=40, marker="D", color="tab:red")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("cosine with the exact gradient")
+    ax.set_title("Gradient fidelity (blue: single draws, red: mean of draws per batch)")
+    ax.axhline(0, color="grey", lw=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
