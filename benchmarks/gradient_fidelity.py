@@ -10,7 +10,7 @@ and reports the cosine of single draws with the exact gradient (mean ± sd) and 
 average over many steps or ranks follows). The similarity weight rescales each sample's term, so LeapAlign's
 direction differs from the exact one even with exact velocities; cosines are scale-free.
 
-    python benchmarks/gradient_fidelity.py       # ~10 min on 2 cores; benchmarks/results/gradient_fidelity_cpu.*
+    python benchmarks/gradient_fidelity.py       # ~5 min on 2 cores; benchmarks/results/gradient_fidelity_cpu.*
 
 Part of issue 14 (the fresh-sample gain, one normalised step scored on fresh images, is not here yet).
 """
@@ -78,9 +78,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--draws", type=int, default=12)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
