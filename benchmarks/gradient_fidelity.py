@@ -22,6 +22,7 @@ guide gains on fresh samples; one that is being hacked does not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -68,6 +69,20 @@ def setup():
     return adapter, criterion, prompts, reward
 
 
+def sampled_batch(adapter, criterion, prompts, seeds, keep, generator_seed: int = 0) -> StepBatch:
+    """Prompts encoded, one fp32 rollout from the seeds' noise (keeping ``keep``), as an objective's StepBatch."""
+    cond = adapter.encode_prompts(prompts)
+    x1 = adapter.prepare_noise(len(prompts), SIZE, SIZE, seeds)
+    grid = adapter.time_grid(STEPS, SIZE, SIZE)
+    trajectory = rollout(
+        adapter, cond, x1, grid, guidance_scale=3.5, keep=keep, dtype=torch.float32, height=SIZE, width=SIZE
+    )
+    return StepBatch(
+        adapter=adapter, cond=cond, prompts=prompts, trajectory=trajectory, criterion=criterion, height=SIZE,
+        width=SIZE, guidance_scale=3.5, generator=torch.Generator().manual_seed(generator_seed), dtype=torch.float32,
+    )  # fmt: skip
+
+
 def gradient(adapter, objective, batch: StepBatch, plan) -> torch.Tensor:
     params = [p for p in adapter.transformer.parameters() if p.requires_grad]
     for p in params:
@@ -97,19 +112,10 @@ def main(argv=None) -> int:
     rows = []
     for b in range(args.batches):
         prompts = pool[b * args.batch_size : (b + 1) * args.batch_size]
-        cond = adapter.encode_prompts(prompts)
-        x1 = adapter.prepare_noise(len(prompts), SIZE, SIZE, [1000 * b + i for i in range(len(prompts))])
-        grid = adapter.time_grid(STEPS, SIZE, SIZE)
-        trajectory = rollout(
-            adapter, cond, x1, grid, guidance_scale=3.5, keep="all", dtype=torch.float32, height=SIZE, width=SIZE
-        )
+        batch = sampled_batch(adapter, criterion, prompts, [1000 * b + i for i in range(len(prompts))], "all")
 
-        def batch_for(seed: int, cond=cond, prompts=prompts, trajectory=trajectory) -> StepBatch:
-            return StepBatch(
-                adapter=adapter, cond=cond, prompts=prompts, trajectory=trajectory, criterion=criterion,
-                height=SIZE, width=SIZE, guidance_scale=3.5, generator=torch.Generator().manual_seed(seed),
-                dtype=torch.float32,
-            )  # fmt: skip
+        def batch_for(seed: int, batch=batch) -> StepBatch:
+            return dataclasses.replace(batch, generator=torch.Generator().manual_seed(seed))
 
         exact_objective = build_objective("full_backprop", STEPS, checkpoint_steps=False)
         exact = gradient(adapter, exact_objective, batch_for(0), exact_objective.plan())
@@ -203,19 +209,9 @@ def gain_table(adapter, criterion, reward, pool, args) -> list[str]:
             total = None
             for start in range(0, n, 8):
                 prompts = [pool[(start + i) % len(pool)] for i in range(8)]
-                cond = adapter.encode_prompts(prompts)
-                x1 = adapter.prepare_noise(8, SIZE, SIZE, [5_000_000 + n * 1000 + start + i for i in range(8)])
-                grid = adapter.time_grid(STEPS, SIZE, SIZE)
                 plan = objective.plan()
-                trajectory = rollout(
-                    adapter, cond, x1, grid, guidance_scale=3.5, keep=plan.positions, dtype=torch.float32,
-                    height=SIZE, width=SIZE,
-                )  # fmt: skip
-                batch = StepBatch(
-                    adapter=adapter, cond=cond, prompts=prompts, trajectory=trajectory, criterion=criterion,
-                    height=SIZE, width=SIZE, guidance_scale=3.5, generator=torch.Generator().manual_seed(start),
-                    dtype=torch.float32,
-                )  # fmt: skip
+                seeds = [5_000_000 + n * 1000 + start + i for i in range(8)]
+                batch = sampled_batch(adapter, criterion, prompts, seeds, plan.positions, generator_seed=start)
                 g = gradient(adapter, objective, batch, plan)
                 total = g if total is None else total + g
             step = -args.step * total / total.abs().max()

@@ -147,6 +147,27 @@ def weight_files(component: Path) -> list[Path] | None:
     return None
 
 
+def weight_headers(component: Path) -> dict[str, tuple[Path, Any]] | None:
+    """Tensor name → (file, ``TensorInfo``) over the component's default safetensors (single or sharded), or None
+    for ``.bin`` weights only. Raises ``SafetensorsError`` for an unreadable or truncated header."""
+    from engine.models.safetensors_io import read_header
+
+    files = weight_files(component)
+    if files is None:
+        return None
+    return {key: (file, info) for file in files for key, info in read_header(file).items()}
+
+
+def _cannot_load(folder: Path, name: str, error: Exception) -> ModelFolderError:
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return ModelFolderError(
+        _one_line(
+            f"model folder {folder}: {name}/ cannot be loaded ({type(error).__name__}: {first}); "
+            f"{_replace(folder / name)}"
+        )
+    )
+
+
 def _replace(component: Path) -> str:
     return f"fix: replace {component} with a complete copy written by save_pretrained()"
 
@@ -204,13 +225,7 @@ def check_model_contents(folder: str | Path, classes: Mapping[str, type], links:
             try:
                 cls.from_pretrained(folder, subfolder=name, local_files_only=True)
             except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
-                first = (str(error).strip().splitlines() or [""])[0][:200]
-                raise ModelFolderError(
-                    _one_line(
-                        f"model folder {folder}: {name}/ cannot be loaded ({type(error).__name__}: {first}); "
-                        f"{_replace(component)}"
-                    )
-                ) from None
+                raise _cannot_load(folder, name, error) from None
             continue
         _compare_weights(folder, name, module)
     for a, key_a, parts, factor in links:
@@ -232,20 +247,17 @@ def check_model_contents(folder: str | Path, classes: Mapping[str, type], links:
 
 def _compare_weights(folder: Path, name: str, module: torch.nn.Module) -> None:
     """Names and shapes of ``module``'s state (built from ``name``/config.json) against ``name``'s safetensors."""
-    from engine.models.safetensors_io import SafetensorsError, read_header
+    from engine.models.safetensors_io import SafetensorsError
 
     component = folder / name
-    files = weight_files(component)
-    if files is None:
+    try:
+        headers = weight_headers(component)
+    except SafetensorsError as error:
+        raise ModelFolderError(_one_line(f"model folder {folder}: {error}; {_replace(component)}")) from None
+    if headers is None:
         logger.info("%s holds .bin weights only: their names and shapes are checked when they load", component)
         return
-    headers = {}
-    for file in files:
-        try:
-            for key, info in read_header(file).items():
-                headers[key] = (file, info)
-        except SafetensorsError as error:
-            raise ModelFolderError(_one_line(f"model folder {folder}: {error}; {_replace(component)}")) from None
+    files = sorted({file for file, _ in headers.values()})
     aliases: dict[int, list[str]] = {}
     for key, param in module.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(key)
@@ -325,13 +337,7 @@ def load_components(
         except (OSError, ValueError, RuntimeError, KeyError) as error:  # corrupt or truncated files: a bad input
             if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
                 raise
-            first = (str(error).strip().splitlines() or [""])[0][:200]
-            raise ModelFolderError(
-                _one_line(
-                    f"model folder {folder}: {name}/ cannot be loaded ({type(error).__name__}: {first}); fix: "
-                    f"replace {folder / name} with a complete copy written by save_pretrained()"
-                )
-            ) from error
+            raise _cannot_load(folder, name, error) from error
     return loaded
 
 

@@ -16,7 +16,6 @@ The weights equal a plain ``from_pretrained`` load exactly (``tests/distributed/
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -24,30 +23,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.models.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from engine.models import loading
+from engine.models.safetensors_io import SafetensorsError, TensorInfo, read_tensor
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def weight_headers(folder: Path) -> dict[str, tuple[Path, TensorInfo]]:
     """Tensor name → (file, header entry) over a component folder's single or sharded safetensors."""
-    folder = Path(folder)
-    if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
-        files = sorted({folder / name for name in weight_map.values()})
-    elif (folder / WEIGHTS).is_file():
-        files = [folder / WEIGHTS]
-    else:
-        raise SafetensorsError(
-            f"{folder} holds no {WEIGHTS} (or its index); partitioned loading reads safetensors only"
-        )
-    headers = {}
-    for file in files:
-        for name, info in read_header(file).items():
-            headers[name] = (file, info)
+    headers = loading.weight_headers(Path(folder))
+    if headers is None:
+        raise SafetensorsError(f"{folder} holds no safetensors weights (or their index); partitioned loading reads "
+                               "safetensors only")  # fmt: skip
     return headers
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_zero3_two_ranks import free_port, run
+from tests.distributed.test_zero3_two_ranks import ds_config, free_port, run
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "distributed" / "ema_reference_run.py"
@@ -23,25 +23,12 @@ pytestmark = [pytest.mark.distributed, pytest.mark.integration, pytest.mark.slow
 TOLERANCE = 1e-5
 
 
-def ds_config(path: Path, stage: int, ranks: int) -> Path:
-    zero = {"stage": stage, "overlap_comm": False, "memory_efficient_linear": False}
+def ema_ds_config(path: Path, stage: int, ranks: int) -> Path:
+    zero = {"stage": stage, "overlap_comm": False}
     if stage == 3:
         # Small enough that the tiny model has both kinds: norms and biases persistent, matrices partitioned.
         zero["stage3_param_persistence_threshold"] = 300
-    path.write_text(
-        json.dumps(
-            {
-                "train_batch_size": 2,
-                "train_micro_batch_size_per_gpu": 2 // ranks,
-                "gradient_accumulation_steps": 1,
-                "gradient_clipping": 1.0,
-                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 1e-4, "torch_adam": True}},
-                "zero_optimization": zero,
-                "steps_per_print": 1000000,
-            }
-        )
-    )
-    return path
+    return ds_config(path, 2 // ranks, zero, train_batch_size=2)
 
 
 @pytest.mark.parametrize(("stage", "ranks"), [(3, 1), (3, 2), (2, 2)], ids=["zero3-1rank", "zero3-2ranks", "zero2"])
@@ -59,7 +46,7 @@ def test_ema_export_is_the_ema_of_the_master_weights(tiny_flux_dir, tmp_path, st
         "logging.progress=false",
         "logging.tensorboard=false",
     ]
-    script = [str(SCRIPT), str(ds_config(tmp_path / "ds.json", stage, ranks)), str(out), *overrides]
+    script = [str(SCRIPT), str(ema_ds_config(tmp_path / "ds.json", stage, ranks)), str(out), *overrides]
     if ranks == 1:
         run([sys.executable, *script])
     else:

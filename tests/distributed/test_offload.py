@@ -9,14 +9,13 @@ against ZeRO-3 with everything on the device, same prompts, noise, anchors and g
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.distributed.test_zero3_two_ranks import free_port, run
+from tests.distributed.test_zero3_two_ranks import ds_config, free_port, run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration, pytest.mark.slow]
 needs_launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
@@ -31,24 +30,6 @@ OFFLOADS = {
 }
 
 
-def ds_config(path: Path, offload: dict, torch_adam: bool) -> Path:
-    zero = {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0, **offload}
-    path.write_text(
-        json.dumps(
-            {
-                "train_batch_size": "auto",
-                "train_micro_batch_size_per_gpu": 1,
-                "gradient_accumulation_steps": 1,
-                "gradient_clipping": 1.0,
-                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 1e-4, "torch_adam": torch_adam}},
-                "zero_optimization": zero,
-                "steps_per_print": 1000000,
-            }
-        )
-    )
-    return path
-
-
 @needs_launcher
 def test_offloaded_runs_train_the_weights_of_the_run_without_offload(tiny_flux_dir, tmp_path):
     overrides = [
@@ -58,7 +39,8 @@ def test_offloaded_runs_train_the_weights_of_the_run_without_offload(tiny_flux_d
     weights = {}
     for index, (name, (offload, torch_adam)) in enumerate(OFFLOADS.items()):
         out = tmp_path / f"run{index}"
-        config = ds_config(tmp_path / f"ds{index}.json", offload, torch_adam)
+        zero = {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0, **offload}
+        config = ds_config(tmp_path / f"ds{index}.json", 1, zero, torch_adam)
         launcher = [shutil.which("deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
         log = run([*launcher, "launch/train.py", "--deepspeed", str(config), f"output_dir={out}", *overrides])
         assert ("DeepSpeedCPUAdam" in log) == (not torch_adam), log[-3000:]  # DeepSpeed names its basic optimizer

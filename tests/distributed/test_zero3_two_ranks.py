@@ -17,21 +17,22 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 
-def ds_config(path: Path, micro_batch: int) -> Path:
+def ds_config(
+    path: Path, micro_batch: int, zero: dict | None = None, torch_adam: bool = True, train_batch_size="auto"
+) -> Path:
+    """The distributed tests' DeepSpeed JSON: AdamW lr 1e-3, clipping 1, fp32; ``zero`` replaces the ZeRO section
+    (default: stage 3 with every parameter of the tiny model sharded)."""
+    if zero is None:
+        zero = {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0}
     path.write_text(
         json.dumps(
             {
-                "train_batch_size": "auto",
+                "train_batch_size": train_batch_size,
                 "train_micro_batch_size_per_gpu": micro_batch,
                 "gradient_accumulation_steps": 1,
                 "gradient_clipping": 1.0,
-                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 1e-4, "torch_adam": True}},
-                "zero_optimization": {
-                    "stage": 3,
-                    "overlap_comm": False,
-                    "stage3_param_persistence_threshold": 0,  # shard every parameter of the tiny model
-                    "memory_efficient_linear": False,
-                },
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 1e-4, "torch_adam": torch_adam}},
+                "zero_optimization": {"memory_efficient_linear": False, **zero},
                 "steps_per_print": 1000000,
             }
         )
