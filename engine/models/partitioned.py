@@ -43,10 +43,18 @@ def build_partitioned(model_cls: type, folder: str | Path, ds_config: dict, dtyp
     rank's partitions read from ``folder``'s safetensors. Call on every rank (construction is collective)."""
     import deepspeed
 
+    from engine.config import deepspeed_precision
+
     folder = Path(folder)
     config = model_cls.load_config(folder)
+    if dtype != deepspeed_precision(ds_config):
+        raise ValueError(f"build_partitioned: dtype {dtype} differs from the DeepSpeed config's precision")
     fix_mmap_threshold()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # dtype=None: zero.Init then takes the precision from the config. An explicit dtype goes through
+    # `dtype or torch.float16 if is_fp16_supported() else torch.bfloat16 ...` (DeepSpeed 0.19.8,
+    # Init._set_dtype), which ignores it where the accelerator reports no fp16: on such CPUs an fp32 run was
+    # built, and trained, in bf16 (measured: every parameter bf16 on an AMD EPYC).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None):
         model = model_cls.from_config(config)
     read = load_partitions(model, folder)
     logger.info("%s built partitioned; this rank read %.1f MB of %s", model_cls.__name__, read / 2**20, folder)
