@@ -42,7 +42,7 @@ OBJECTIVES = [
     ("LeapAlign (2 leaps, α 0.3)", "leapalign", dict(n_leaps=2, alpha=0.3)),
     ("LeapAlign α 1", "leapalign", dict(n_leaps=2, alpha=1.0)),
     ("LeapAlign α 0", "leapalign", dict(n_leaps=2, alpha=0.0)),
-    ("LeapAlign, no similarity weight", "leapalign", dict(n_leaps=2, alpha=0.3, use_similarity_weight=False)),
+    ("LeapAlign, no similarity weight", "leapalign", dict(n_leaps=2, alpha=0.3, similarity_weight=False)),
     ("LeapAlign 1 leap", "leapalign", dict(n_leaps=1, alpha=0.3)),
     ("LeapAlign 3 leaps", "leapalign", dict(n_leaps=3, alpha=0.3)),
     ("ReFL", "refl", {}),

@@ -58,11 +58,11 @@ METHODS: dict[str, list[str]] = {
     "DRaFT-LV": ["method.objective=draft_lv"],
     "DRTune": ["method.objective=drtune"],
     "Full backprop": ["method.objective=full_backprop"],
-    "LeapAlign α=0": ["method.alpha=0"],
-    "LeapAlign no sim. weight": ["method.similarity_weight=false"],
-    "LeapAlign 1 leap": ["method.n_leaps=1"],
-    "LeapAlign 3 leaps": ["method.n_leaps=3"],
-    "LeapAlign later half": [f"method.max_level={NUM_STEPS // 2}"],
+    "LeapAlign α=0": ["method.leapalign.alpha=0"],
+    "LeapAlign no sim. weight": ["method.leapalign.similarity_weight=false"],
+    "LeapAlign 1 leap": ["method.leapalign.n_leaps=1"],
+    "LeapAlign 3 leaps": ["method.leapalign.n_leaps=3"],
+    "LeapAlign later half": [f"method.leapalign.max_level={NUM_STEPS // 2}"],
 }
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 

@@ -2,7 +2,7 @@
 
     python benchmarks/plans.py
 
-Planned, not measured: ``engine/planner.py`` with the constants in ``engine/calibration.json`` (fitted on CPU rows,
+Planned, not measured: ``engine/memory/plan.py`` with the constants in ``engine/calibration.json`` (fitted on CPU rows,
 ``planner_error.md`` and ``reward_memory_cpu.md`` give their errors). 720² (the paper's size) for FLUX.1-dev, 1024²
 for SD3.5-Medium, T = 25, two leaps, activation checkpointing on, bf16, one prompt per GPU per micro-step.
 """
@@ -15,8 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, stamp  # noqa: E402
-from engine.memory import GiB, load_calibration  # noqa: E402
-from engine.planner import PHASES, PlanInput, plan_memory  # noqa: E402
+from engine.memory import PHASES, GiB, PlanInput, load_calibration, plan_memory  # noqa: E402  # noqa: E402
 
 FLUX = dict(model="flux-dev", height=720, width=720, rewards=("hpsv21",))
 SETUPS = [
@@ -47,7 +46,7 @@ def main() -> int:
     lines = [
         "# Planned per-GPU memory, phase by phase (GiB)",
         "",
-        f"`engine/planner.py` at commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}; constants: "
+        f"`engine/memory/plan.py` at commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}; constants: "
         f"{calibration.source}; rewards: {calibration.reward_source}. Planned, not measured: no GPU row yet.",
         "",
         "| set-up | knobs | " + " | ".join(short[p] for p in PHASES) + " | peak (dominant part) | fits | host |",

@@ -1,6 +1,6 @@
 """Reward-graph memory: the planner's reward constants, measured on narrow rewards of each real architecture.
 
-For each reward family the planner knows (``engine/planner.py``: open_clip ViT for HPSv2/2.1, transformers CLIP ViT
+For each reward family the planner knows (``engine/memory/plan.py``: open_clip ViT for HPSv2/2.1, transformers CLIP ViT
 for PickScore/CLIPScore/aesthetic, Qwen2-VL for HPSv3) a narrow random model (real head widths, MLP ratios, tokens)
 saved in the real checkpoint format is
 loaded through ``load_reward`` and called on images that require a gradient, as the reward phase does; the bytes
@@ -26,8 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.common import RESULTS, stamp, write_jsonl  # noqa: E402
-from engine.memory import CALIBRATION_FILE, Calibration, SavedTensorCounter  # noqa: E402
-from engine.planner import RewardArch, Tower, reward_graph_bytes  # noqa: E402
+from engine.memory import CALIBRATION_FILE, Calibration, RewardArch, SavedTensorCounter, Tower, reward_graph_bytes  # noqa: E402  # noqa: E402
 
 # Narrow versions of the real architectures with their real head widths, MLP ratios and token counts: per unit of
 # layers·tokens·width the linear parts then save what the real ones do, and so does attention (heads·tokens² per

@@ -4,7 +4,8 @@ Layout under ``<output_dir>/checkpoints``::
 
     step_000010/            a complete checkpoint (DeepSpeed model + optimizer shards, per-rank trainer state)
         <DeepSpeed files>
-        trainer_rank0.pt    step, prompt position, objective draws, EMA shard, RNG states (weights_only-loadable)
+        trainer_rank0.pt    each state's state_dict (trainer: step, counters, RNG; objective draws; EMA shard;
+                            prompt order), weights_only-loadable
         COMPLETE            written last, by rank 0, after every rank finished
     .tmp-step_000020/       being written: never picked up by resume
     latest                  the name of the newest complete checkpoint (atomically replaced)
@@ -12,6 +13,10 @@ Layout under ``<output_dir>/checkpoints``::
 Write, then rename: every rank writes into ``.tmp-step_N``; after a barrier rank 0 writes ``COMPLETE``, renames the
 folder to ``step_N`` and atomically replaces ``latest``. A crash at any moment leaves either the previous complete
 checkpoint or the new one, never a half-written one that looks complete. The last ``keep_last`` are kept.
+
+Stateful, as torchtitan's ``CheckpointManager``: a :class:`CheckpointManager` is handed the DeepSpeed engine (model
+and optimizer shards) and named objects with ``state_dict()/load_state_dict()`` (the trainer, its objective, EMA and
+prompt order); it never reads their attributes and imports nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from engine.trainer import Trainer
+from engine.sections import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -129,55 +134,130 @@ def latest_complete(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _rng_state() -> dict:
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def resolve_resume(cfg) -> Path | None:
+    """The complete checkpoint a run resumes from (``checkpoint.resume``), or None for a fresh start.
+
+    ``auto``: the newest complete one under ``<output_dir>/checkpoints``, if any; ``never``: None; a path: the newest
+    complete one there (or the path itself), which must exist. Shared by preflight and the trainer.
+
+    Raises:
+        ConfigError: an explicit path holds no complete checkpoint.
+    """
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return None
+    root = Path(cfg.output_dir) / "checkpoints" if resume == "auto" else Path(resume)
+    found = latest_complete(root)
+    if found is None and resume != "auto":
+        raise ConfigError(f"checkpoint.resume={resume!r} holds no complete checkpoint; give a step_* folder")
+    return found
+
+
+def saved_world_size(path: Path) -> int:
+    return json.loads((Path(path) / "COMPLETE").read_text())["world_size"]
+
+
+class CheckpointManager:
+    """Saves and restores a DeepSpeed engine and named :class:`Stateful` objects under ``<run_dir>/checkpoints``.
+
+    Args:
+        run_dir: the run folder (its ``INCOMPLETE`` marker is removed at the first complete checkpoint).
+        engine: the DeepSpeed engine; its model and optimizer shards are written by DeepSpeed.
+        states: name → object with ``state_dict()/load_state_dict()``; each rank saves its own (RNG, EMA shards).
+        rank, world_size: this process's place; a checkpoint loads only with the world size that wrote it.
+        keep_last: complete checkpoints kept.
+        depends: the settings the shards depend on (:func:`depends`), recorded for preflight's resume check.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        engine: Any,
+        states: Mapping[str, Stateful],
+        *,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        depends: dict,
+    ):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.engine = engine
+        self.states = dict(states)
+        self.rank = rank
+        self.world_size = world_size
+        self.keep_last = keep_last
+        self.depends = depends
+
+    def save(self, step: int) -> Path:
+        """Write a checkpoint at ``step`` (all ranks call this)."""
+        tag = f"{PREFIX}{step:06d}"
+        final = self.root / tag
+        tmp = self.root / f"{TMP_PREFIX}{tag}"
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # a leftover of a crash while writing this same step
+            self.root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        if final.exists() and (final / "COMPLETE").exists():
+            return final  # already saved at this step (e.g. the periodic and the final save coincide)
+        self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        state = {name: obj.state_dict() for name, obj in self.states.items()}
+        torch.save(state, tmp / f"trainer_rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world_size, "depends": self.depends}
+            _atomic_write(tmp / "COMPLETE", json.dumps(meta))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(self.root / "latest", tag)
+            (self.run_dir / INCOMPLETE).unlink(missing_ok=True)  # the run folder now has a checkpoint to trust
+            _prune(self.root, self.keep_last)
+            logger.info("checkpoint %s written", final)
+        dist.barrier()
+        return final
+
+    def load(self, path: Path) -> None:
+        """Restore the engine's shards and every state from the complete checkpoint ``path``."""
+        path = Path(path)
+        saved = saved_world_size(path)
+        if saved != self.world_size:
+            raise ValueError(
+                f"checkpoint {path} was written by {saved} rank(s) but this run has {self.world_size}; resume with "
+                "the same number of ranks, or convert it with DeepSpeed's ds_to_universal.py first"
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
+        state = torch.load(path / f"trainer_rank{self.rank}.pt", weights_only=True)
+        missing = sorted(set(self.states) - set(state))
+        if missing:
+            raise ValueError(f"checkpoint {path} holds no state for {', '.join(missing)}; start a new output_dir")
+        for name, obj in self.states.items():
+            obj.load_state_dict(state[name])
+
+
+def rng_state() -> dict:
+    """The global torch (and CUDA) RNG states, for a ``state_dict``."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def save(trainer: Trainer) -> Path:
-    """Write a checkpoint of the trainer at its current step (all ranks call this)."""
-    root = trainer.out / "checkpoints"
-    tag = f"{PREFIX}{trainer.step:06d}"
-    final = root / tag
-    tmp = root / f"{TMP_PREFIX}{tag}"
-    if trainer.rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a leftover of a crash while writing this same step
-        root.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    if final.exists() and (final / "COMPLETE").exists():
-        return final  # already saved at this step (e.g. the periodic and the final save coincide)
-    trainer.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    state = {
-        "step": trainer.step,
-        "world_size": trainer.world_size,
-        "skipped_steps": trainer.skipped_steps,
-        "bad_in_a_row": trainer.bad_in_a_row,
-        "objective": trainer.objective.state_dict(),
-        "noise_generator": trainer.noise_generator.get_state(),
-        "rng": _rng_state(),
-        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-    }
-    torch.save(state, tmp / f"trainer_rank{trainer.rank}.pt")
-    dist.barrier()
-    if trainer.rank == 0:
-        meta = {
-            "step": trainer.step,
-            "world_size": trainer.world_size,
-            "depends": depends(trainer.cfg, trainer.ds_config),
-        }
-        _atomic_write(tmp / "COMPLETE", json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write(root / "latest", tag)
-        (trainer.out / INCOMPLETE).unlink(missing_ok=True)  # the run folder now has a checkpoint to trust
-        _prune(root, trainer.cfg.checkpoint.keep_last)
-        logger.info("checkpoint %s written", final)
-    dist.barrier()
-    return final
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -186,82 +266,62 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(trainer: Trainer, path: Path) -> dict:
-    """Restore model, optimizer, EMA, objective draws, prompt position and RNG from a complete checkpoint."""
-    meta = json.loads((path / "COMPLETE").read_text())
-    if meta["world_size"] != trainer.world_size:
-        raise ValueError(
-            f"checkpoint {path} was written by {meta['world_size']} rank(s) but this run has {trainer.world_size}; "
-            "resume with the same number of ranks, or convert it with DeepSpeed's ds_to_universal.py first"
-        )
-    load_path, _ = trainer.engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
-    state = torch.load(path / f"trainer_rank{trainer.rank}.pt", weights_only=True)
-    trainer.step = state["step"]
-    trainer.skipped_steps = state["skipped_steps"]
-    trainer.bad_in_a_row = state["bad_in_a_row"]
-    trainer.objective.load_state_dict(state["objective"])
-    trainer.noise_generator.set_state(state["noise_generator"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    if trainer.ema is not None and state["ema"] is not None:
-        trainer.ema.load_state_dict(state["ema"])
-    return state
-
-
-def _consolidated_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(engine: Any, zero_stage: int, rank: int) -> dict[str, torch.Tensor]:
     """The full 16-bit state dict on rank 0 (all ranks must call; others get an empty dict)."""
-    engine = trainer.engine
     # ZeRO-3: gathers the partitions, rank 0 gets the tensors. Stages 0-2 hold full parameters on every rank.
-    state = engine._zero3_consolidated_16bit_state_dict() if trainer.zero_stage == 3 else engine.module.state_dict()
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
     # A copy even on CPU ranks, where .cpu() would alias the live (gathered or persistent) parameter storage.
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()} if trainer.rank == 0 else {}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()} if rank == 0 else {}
 
 
-def export(trainer: Trainer) -> Path:
-    """Write diffusers-loadable weights of the trained (and EMA) transformer to ``<output_dir>/export``.
+def export(
+    out: Path,
+    engine: Any,
+    *,
+    zero_stage: int,
+    rank: int,
+    trainable_names: list[str],
+    ema: Any = None,
+    lora_pipeline: Any = None,
+) -> Path:
+    """Write diffusers-loadable weights of the trained (and EMA) transformer to ``out`` (all ranks call this).
 
     Weights keep the training precision (bf16 runs export bf16, as DeepSpeed's 16-bit consolidation gives them);
-    the EMA is assembled from its float32 shards of the master weights, one parameter at a time, and rounded to
-    the same precision.
+    the EMA (``ema``: its ``full(index)`` assembles trainable parameter ``index`` from the float32 shards of the
+    master weights, a collective) is written one parameter at a time, rounded to the same precision.
 
-    Full fine-tuning: ``export/transformer`` (config.json + safetensors) loads with ``<Model>.from_pretrained``.
-    LoRA: ``export/lora`` loads with the pipeline's ``load_lora_weights``. Never ``save_pretrained`` on a ZeRO-3
-    module: its parameters are empty partitions there.
+    Full fine-tuning (``lora_pipeline`` None): ``out/transformer`` (config.json + safetensors) loads with
+    ``<Model>.from_pretrained``. LoRA: ``out/lora`` loads with the pipeline's ``load_lora_weights``
+    (``lora_pipeline`` is that pipeline class). Never ``save_pretrained`` on a ZeRO-3 module: its parameters are
+    empty partitions there.
     """
-    out = trainer.out / "export"
-    state = _consolidated_state_dict(trainer)
-    if trainer.rank == 0:
-        _write_export(trainer, state, out, "")
-    if trainer.ema is not None:
+    out = Path(out)
+    state = consolidated_state_dict(engine, zero_stage, rank)
+    if rank == 0:
+        _write_export(engine.module, state, out, "", lora_pipeline)
+    if ema is not None:
         # Replace the trained entries in place: rank 0 holds one 16-bit copy of the model plus one fp32 tensor.
-        for index, name in enumerate(trainer.trainable_names):
-            full = trainer.ema.full(index)  # a collective: every rank, in the same order
-            if trainer.rank == 0:
+        for index, name in enumerate(trainable_names):
+            full = ema.full(index)  # a collective: every rank, in the same order
+            if rank == 0:
                 state[name] = full.to(dtype=state[name].dtype, device="cpu").contiguous()
-        if trainer.rank == 0:
-            _write_export(trainer, state, out, "_ema")
+        if rank == 0:
+            _write_export(engine.module, state, out, "_ema", lora_pipeline)
     dist.barrier()
     return out
 
 
-def _write_export(trainer: Trainer, state: dict[str, torch.Tensor], out: Path, suffix: str) -> None:
+def _write_export(module: Any, state: dict[str, torch.Tensor], out: Path, suffix: str, lora_pipeline: Any) -> None:
     from safetensors.torch import save_file
 
     from engine.models.loading import strip_machine_paths
 
-    module = trainer.engine.module
-    if trainer.cfg.optim.lora_rank > 0:
+    if lora_pipeline is not None:
         from peft.utils import get_peft_model_state_dict
 
         lora_state = get_peft_model_state_dict(module, state_dict=state)
         target = out / f"lora{suffix}"
-        pipeline_cls = _pipeline_class(trainer)
-        pipeline_cls.save_lora_weights(str(target), transformer_lora_layers=lora_state, safe_serialization=True)
+        lora_pipeline.save_lora_weights(str(target), transformer_lora_layers=lora_state, safe_serialization=True)
     else:
         target = out / f"transformer{suffix}"
         target.mkdir(parents=True, exist_ok=True)
@@ -269,9 +329,3 @@ def _write_export(trainer: Trainer, state: dict[str, torch.Tensor], out: Path, s
         strip_machine_paths(target)
         save_file(state, str(target / "diffusion_pytorch_model.safetensors"))
     logger.info("exported %s", target)
-
-
-def _pipeline_class(trainer: Trainer):
-    from engine.models.kinds import model_kind
-
-    return model_kind(trainer.cfg.model.kind).pipeline

@@ -9,6 +9,7 @@ prompts with the same noise.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch
 # start/end scores use the held-out split, whose pairings fine-tuning never sees.
 EMBEDDED_PER_CATEGORY = 40
 EMBEDDED_EVAL_PER_CATEGORY = 8
+
+logger = logging.getLogger(__name__)
 
 
 def embedded_prompts() -> list[str]:
@@ -107,3 +110,18 @@ class PromptOrder:
             epoch, offset = divmod(position, n)
             out.append((position, self.prompts[self._epoch(epoch)[offset]]))
         return out
+
+    def state_dict(self) -> dict:
+        """The order is a function of the step (the trainer's state); what defines it is recorded, to compare."""
+        return {
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "prompts": len(self.prompts),
+            "global_batch": self.global_batch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        now = self.state_dict()
+        changed = [f"{key} {state[key]} -> {now[key]}" for key in now if key in state and state[key] != now[key]]
+        if changed:
+            logger.warning("resuming with another prompt order than the checkpoint's (%s)", ", ".join(changed))

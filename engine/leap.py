@@ -167,6 +167,39 @@ def anchor_positions(levels: Sequence[int], num_steps: int) -> list[int]:
     return [num_steps - level for level in levels]
 
 
+def anchor_problem(num_steps: int, n_leaps: int, min_level: int, max_level: int, fixed: int | None) -> str | None:
+    """What is wrong with an anchor range, as ``setting=value ...; fix`` (the names of LeapAlign's settings), or None.
+
+    The one place the anchor range is checked: the config (``method.leapalign``) and the sampler both ask here.
+    """
+    if num_steps < 1:
+        return f"num_steps={num_steps} must be >= 1"
+    if n_leaps < 1:
+        return f"n_leaps={n_leaps} must be >= 1"
+    if min_level < 1:
+        return f"min_level={min_level} must be >= 1 (level 0 is x_0 itself)"
+    if max_level > num_steps:
+        return f"max_level={max_level} exceeds rollout.num_steps={num_steps}; set max_level <= {num_steps} or null"
+    if min_level > max_level:
+        return f"min_level={min_level} leaves the anchor range [{min_level}, {max_level}] empty; set it <= {max_level}"
+    available = max_level - min_level + 1
+    if n_leaps > available:
+        return (
+            f"n_leaps={n_leaps}: {n_leaps} leaps need {n_leaps} grid levels but [{min_level}, {max_level}] has "
+            f"{available}; widen min_level/max_level, raise rollout.num_steps or use fewer leaps"
+        )
+    if fixed is not None:
+        if n_leaps < 2:
+            return f"fixed_distance={fixed} spaces consecutive anchors; it needs n_leaps >= 2"
+        widest = (max_level - min_level) // (n_leaps - 1)
+        if fixed < 1 or fixed > widest:
+            return (
+                f"fixed_distance={fixed} does not fit {n_leaps} anchors in [{min_level}, {max_level}]; "
+                f"use 1 <= fixed_distance <= {widest}"
+            )
+    return None
+
+
 class AnchorSampler:
     """Draws leap anchors on a rollout grid of T steps from a generator shared by every rank.
 
@@ -195,30 +228,9 @@ class AnchorSampler:
         seed: int = 0,
     ):
         max_level = num_steps if max_level is None else max_level
-        if num_steps < 1:
-            raise ValueError(f"anchor sampling: num_steps={num_steps} must be >= 1")
-        if n_leaps < 1:
-            raise ValueError(f"anchor sampling: n_leaps={n_leaps} must be >= 1")
-        if not 1 <= min_level <= max_level <= num_steps:
-            raise ValueError(
-                f"anchor sampling: level range [{min_level}, {max_level}] is empty or outside [1, {num_steps}]; "
-                f"set 1 <= min_level <= max_level <= num_steps"
-            )
-        available = max_level - min_level + 1
-        if available < n_leaps:
-            raise ValueError(
-                f"anchor sampling: {n_leaps} leaps need {n_leaps} grid levels but [{min_level}, {max_level}] has "
-                f"{available}; widen the range or use fewer leaps"
-            )
-        if fixed_distance is not None:
-            if n_leaps < 2:
-                raise ValueError("anchor sampling: fixed_distance spaces consecutive anchors; it needs n_leaps >= 2")
-            if fixed_distance < 1 or min_level + (n_leaps - 1) * fixed_distance > max_level:
-                raise ValueError(
-                    f"anchor sampling: fixed_distance={fixed_distance} does not fit {n_leaps} anchors in "
-                    f"[{min_level}, {max_level}]; use 1 <= fixed_distance <= "
-                    f"{(max_level - min_level) // (n_leaps - 1)}"
-                )
+        problem = anchor_problem(num_steps, n_leaps, min_level, max_level, fixed_distance)
+        if problem:
+            raise ValueError(f"anchor sampling: {problem}")
         self.num_steps = num_steps
         self.n_leaps = n_leaps
         self.min_level = min_level

@@ -59,16 +59,10 @@ def check_model(cfg: TrainConfig) -> None:
 def check_resume(cfg: TrainConfig, world_size: int, ds_config: dict | None = None) -> None:
     """A checkpoint to resume from was written by the same number of ranks (DeepSpeed shards are per rank) and
     with the same settings its shards depend on (``engine.checkpoint.depends``)."""
-    from engine.checkpoint import depends, latest_complete
+    from engine.checkpoint import depends, resolve_resume
 
-    resume = cfg.checkpoint.resume
-    if resume == "never":
-        return
-    root = Path(cfg.output_dir) / "checkpoints" if resume == "auto" else Path(resume)
-    found = latest_complete(root)
+    found = resolve_resume(cfg)
     if found is None:
-        if resume != "auto":
-            raise ConfigError(f"checkpoint.resume={resume!r} holds no complete checkpoint; give a step_* folder")
         return
     meta = json.loads((found / "COMPLETE").read_text())
     saved = meta["world_size"]

@@ -190,3 +190,61 @@ def rollout(
         ready = torch.cuda.Event()
         ready.record()
     return Trajectory(times=times, latents=cache, ready=ready)
+
+
+@torch.no_grad()
+def sample(
+    adapter: FlowModelAdapter,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    num_steps: int,
+    height: int,
+    width: int,
+    guidance_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 64,
+    transformer: nn.Module | None = None,
+    embeddings: dict | None = None,
+    negative_prompt: str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """One image per prompt from per-sample noise ``seeds``: encode, rollout, decode, in batches.
+
+    Args:
+        adapter: the model adapter (its text encoders encode the prompts unless ``embeddings`` has them).
+        prompts, seeds: one seed per prompt (``adapter.prepare_noise``: the same seed, the same noise).
+        num_steps: Euler steps on the adapter's time grid.
+        height, width: image size in pixels.
+        guidance_scale: FLUX's distilled guidance / SD3's CFG scale, as in training.
+        dtype: the rollout's latent dtype (``rollout.dtype``).
+        batch_size: prompts per rollout.
+        transformer: a module to call instead of ``adapter.transformer``.
+        embeddings: prompt → ``Conditioning`` already encoded (e.g. after the text encoders were freed).
+        negative_prompt: encoded beside every prompt for true CFG (SD3); None for none.
+        progress: show a progress bar over the batches.
+
+    Returns:
+        ``[N, 3, H, W]`` float32 images in [0, 1], on the CPU.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
+    times = adapter.time_grid(num_steps, height, width)
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="sample", unit="batch")
+    images = []
+    for start in starts:
+        chunk = list(prompts[start : start + batch_size])
+        if embeddings is not None:
+            cond = Conditioning.cat([embeddings[p] for p in chunk]).to(adapter.device)
+        else:
+            negative = [negative_prompt] * len(chunk) if negative_prompt is not None else None
+            cond = adapter.encode_prompts(chunk, negative)
+        noise = adapter.prepare_noise(len(chunk), height, width, list(seeds[start : start + batch_size]))
+        trajectory = rollout(adapter, cond, noise.to(adapter.device), times, guidance_scale=guidance_scale, keep=[],
+                             dtype=dtype, transformer=transformer, height=height, width=width)  # fmt: skip
+        images.append(adapter.decode(trajectory.x0.to(adapter.device, torch.float32), height, width).cpu())
+    return torch.cat(images)

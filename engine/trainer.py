@@ -16,11 +16,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
-import os
-import resource
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -28,16 +23,18 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt
+from engine.components import build_criterion, build_model, rank_device
 from engine.config import TrainConfig, deepspeed_precision, save_config
 from engine.data import PromptOrder, run_prompts
 from engine.ema import ShardedEMA
+from engine.evaluation import write_evaluation
+from engine.metrics import MetricsLog, StepTimer, mean_over_ranks, peak_memory
 from engine.models.kinds import model_kind
-from engine.models.partitioned import build_partitioned, fix_mmap_threshold
+from engine.models.partitioned import fix_mmap_threshold
 from engine.objectives import Objective, StepBatch, build_objective
-from engine.parallelize import apply_activation_checkpointing, apply_attention_backend, apply_lora
-from engine.rewards import REGISTRY, HingeTerm, RewardCriterion, load_reward
+from engine.rewards import REGISTRY
 from engine.rollout import rollout
-from engine.text_phase import encode_prompts, frozen_dtype_on, model_folder
+from engine.text_phase import encode_prompts, model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +50,6 @@ class NonFiniteStop(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-@dataclass
-class StepTimer:
-    """Wall-clock phases of a step. On CUDA each mark synchronises (a deliberate host sync, once per phase)."""
-
-    device: torch.device
-
-    def __post_init__(self):
-        self.times: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # sync point: phase timing
-        now = time.perf_counter()
-        self.times[f"time_{phase}"] = self.times.get(f"time_{phase}", 0.0) + now - self._last
-        self._last = now
-
-
 class Trainer:
     """Owns the adapter, the DeepSpeed engine, the objective, EMA, metrics and checkpoints of one run."""
 
@@ -80,16 +59,7 @@ class Trainer:
         self.ds_config = ds_config
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        else:
-            # CPU ranks share the cores: more threads than cores makes OpenMP spin and slows tiny ops ~10x.
-            # An explicit OMP_NUM_THREADS (e.g. several runs side by side) wins.
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-            threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1) // local_world
-            torch.set_num_threads(max(1, threads))
+        self.device = rank_device(self.world_size)
         self.out = Path(cfg.output_dir)
         self.train_dtype = deepspeed_precision(ds_config)
         self.rollout_dtype = DTYPES[cfg.rollout.dtype]
@@ -113,8 +83,39 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_in_a_row = 0
         self.noise_generator = torch.Generator().manual_seed(cfg.optim.seed * 7919 + self.rank)
+        states = {"trainer": self, "objective": self.objective, "order": self.order}
+        if self.ema is not None:
+            states["ema"] = self.ema
+        self.checkpoints = ckpt.CheckpointManager(
+            self.out,
+            self.engine,
+            states,
+            rank=self.rank,
+            world_size=self.world_size,
+            keep_last=cfg.checkpoint.keep_last,
+            depends=ckpt.depends(cfg, ds_config),
+        )
+        self.metrics_log = MetricsLog(self.out, self.rank, tensorboard=cfg.logging.tensorboard)
         self._resume()
-        self._writer = None
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """The loop's own state (this rank's): step, skip counters, noise stream and global RNG."""
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "bad_in_a_row": self.bad_in_a_row,
+            "noise_generator": self.noise_generator.get_state(),
+            "rng": ckpt.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.bad_in_a_row = state["bad_in_a_row"]
+        self.noise_generator.set_state(state["noise_generator"])
+        ckpt.set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------------------------------------ set-up
 
@@ -135,75 +136,18 @@ class Trainer:
         )
 
     def _build_model(self) -> None:
-        """The VAE (frozen, every rank) and the trainable transformer: partitioned as it is built under ZeRO-3."""
-        model_cfg, folder = self.cfg.model, self._model_folder()
-        kind = model_kind(model_cfg.kind)
-        adapter_cls = kind.adapter
-        frozen_dtype = frozen_dtype_on(model_cfg.frozen_dtype, self.device)
-        if self.zero_stage == 3:
-            # No rank ever holds the whole transformer: zero.Init partitions it as it is built, and each rank
-            # reads only its partitions' elements from the checkpoint.
-            transformer = build_partitioned(kind.transformer, folder / "transformer", self.ds_config, self.train_dtype)
-            self.adapter = adapter_cls.from_pretrained(
-                str(folder), device=self.device, dtype=frozen_dtype, parts=("vae", "scheduler"), transformer=transformer
-            )
-        else:
-            # The transformer is loaded in the training precision: DeepSpeed keeps fp32 masters in the optimizer.
-            self.adapter = adapter_cls.from_pretrained(
-                str(folder), device=self.device, dtype=frozen_dtype, parts=("transformer", "vae", "scheduler")
-            )
-            transformer = self.adapter.transformer.to(self.train_dtype)
-        if kind.negative_prompt:
-            self.adapter.cfg_negative_no_grad = model_cfg.cfg_negative_no_grad
-        self.adapter.vae_gradient_checkpointing(model_cfg.vae_gradient_checkpointing)
-
-        optim = self.cfg.optim
-        if optim.lora_rank > 0:
-            apply_lora(transformer, optim.lora_rank, alpha=optim.lora_alpha, targets=optim.lora_targets)
-        else:
-            transformer.requires_grad_(True)
-        if model_cfg.gradient_checkpointing:
-            apply_activation_checkpointing(transformer)
-        apply_attention_backend(transformer, model_cfg.attention_backend)
-        self.transformer = transformer
+        self.adapter, self.transformer = build_model(
+            self.cfg.model, self.cfg.optim, self._model_folder(), self.ds_config, self.train_dtype, self.device
+        )
 
     def _build_criterion(self) -> None:
         self.cfg.validate_names(set(REGISTRY))
-        terms, self.rewards = [], []
-        for reward_cfg in self.cfg.rewards:
-            reward = load_reward(reward_cfg.name, reward_cfg.path, self.device, torch.float32)
-            lam = reward_cfg.lam if reward_cfg.lam is not None else reward.default_lam
-            reward_cfg.lam = lam  # the value used, for config.yaml
-            terms.append(HingeTerm(reward, lam, reward_cfg.weight))
-            self.rewards.append(reward)
-        self.criterion = RewardCriterion(terms)
+        self.criterion, self.rewards = build_criterion(self.cfg.rewards, self.device)  # fills each reward's λ used
 
     def _build_objective(self) -> Objective:
-        m, steps, seed = self.cfg.method, self.cfg.rollout.num_steps, self.cfg.optim.seed
-        if m.objective == "leapalign":
-            alpha = m.alpha if m.alpha is not None else self.rewards[0].default_alpha
-            m.alpha = alpha  # the value used, for config.yaml
-            return build_objective(
-                "leapalign",
-                steps,
-                n_leaps=m.n_leaps,
-                alpha=alpha,
-                tau=m.tau,
-                use_similarity_weight=m.similarity_weight,
-                min_level=m.min_level,
-                max_level=m.max_level,
-                fixed_distance=m.fixed_distance,
-                pairs_per_rollout=m.pairs_per_rollout,
-                decouple_reward=m.decouple_reward,
-                seed=seed,
-            )
-        options = {
-            "full_backprop": {"truncate_steps": m.truncate_steps, "checkpoint_steps": m.checkpoint_steps},
-            "refl": {"last_steps": m.refl_last_steps},
-            "draft_lv": {"renoise": m.draft_lv_renoise},
-            "drtune": {"train_steps": m.drtune_train_steps, "stop_fraction": m.drtune_stop_fraction},
-        }[m.objective]
-        return build_objective(m.objective, steps, seed=seed, **options)
+        # Settings left null take the first reward's defaults (LeapAlign's α); the values used go to config.yaml.
+        self.cfg.method.selected().resolve({"alpha": self.rewards[0].default_alpha})
+        return build_objective(self.cfg.method, self.cfg.rollout.num_steps, seed=self.cfg.optim.seed)
 
     def _build_engine(self) -> None:
         named = [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -233,19 +177,29 @@ class Trainer:
             log_rank0("rollout gathers all parameters once per rollout: +%.1f MB per rank", full_bytes / 2**20)
 
     def _resume(self) -> None:
-        resume = self.cfg.checkpoint.resume
-        if resume == "never":
-            return
-        root = self.out / "checkpoints" if resume == "auto" else Path(resume)
-        found = ckpt.latest_complete(root)
+        found = ckpt.resolve_resume(self.cfg)
         if found is None:
-            if resume != "auto":
-                raise ValueError(f"checkpoint.resume={resume!r} holds no complete checkpoint; give a step_* folder")
             return
-        state = ckpt.load(self, found)
+        self.checkpoints.load(found)
         if self.rank == 0:
-            _truncate_metrics(self.out / "metrics.jsonl", self.step)
-        log_rank0("resumed from %s at step %d", found, state["step"])
+            self.metrics_log.truncate(self.step)
+        log_rank0("resumed from %s at step %d", found, self.step)
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step)
+
+    def export(self) -> Path:
+        """The trained (and EMA) transformer as diffusers weights under ``<output_dir>/export``."""
+        lora_pipeline = model_kind(self.cfg.model.kind).pipeline if self.cfg.optim.lora_rank > 0 else None
+        return ckpt.export(
+            self.out / "export",
+            self.engine,
+            zero_stage=self.zero_stage,
+            rank=self.rank,
+            trainable_names=self.trainable_names,
+            ema=self.ema,
+            lora_pipeline=lora_pipeline,
+        )
 
     # ------------------------------------------------------------------------------------------------ loop
 
@@ -273,18 +227,17 @@ class Trainer:
                         progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}", loss=f"{metrics['loss']:.4f}")
                 every = cfg.checkpoint.every
                 if every and self.step % every == 0 and self.step < cfg.optim.max_steps:
-                    ckpt.save(self)
+                    self.save_checkpoint()
                 if cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
                     self.save_images(f"step_{self.step:06d}")
-            ckpt.save(self)
+            self.save_checkpoint()
             self.save_images("end")
             if cfg.checkpoint.export:
-                ckpt.export(self)
+                self.export()
         finally:
             if progress is not None:
                 progress.close()
-            if self._writer is not None:
-                self._writer.close()
+            self.metrics_log.close()
 
     def _micro_batch(self, micro: int) -> list[tuple[int, str]]:
         window = self.order.window(self.step)
@@ -317,7 +270,7 @@ class Trainer:
         if self.step % self.cfg.logging.log_every == 0 or self.step == self.cfg.optim.max_steps:
             metrics = self._log(loss, reward, outputs, timer, applied=bool(finite))
         if self.bad_in_a_row >= self.cfg.optim.max_consecutive_bad_steps:
-            ckpt.save(self)
+            self.save_checkpoint()
             raise NonFiniteStop(
                 f"{self.bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
                 "a final checkpoint was written; lower the learning rate or check the reward"
@@ -411,17 +364,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ outputs
 
     def _log(self, loss, reward, outputs, timer: StepTimer, applied: bool) -> dict:
-        # Per-method scalars: the mean over this step's micro-batches, then over ranks in one collective
-        # (sync point: logging steps only).
-        first = outputs[0].metrics
-        keys = [k for k, v in first.items() if isinstance(v, torch.Tensor | float | int)]
-        local = [float(loss), float(reward.mean())]
-        local += [sum(float(o.metrics[k]) for o in outputs) / len(outputs) for k in keys]
-        values = torch.tensor(local, dtype=torch.float64)
-        dist.all_reduce(values)
-        values /= self.world_size
-        metrics = {"step": self.step, "loss": values[0].item(), "reward_mean": values[1].item()}
-        metrics.update({k: values[2 + i].item() for i, k in enumerate(keys)})
+        metrics = {"step": self.step, **mean_over_ranks(loss, reward, outputs, self.world_size)}
         grad_norm = self.engine.get_global_grad_norm() if applied else float("nan")
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["applied"] = applied
@@ -434,94 +377,26 @@ class Trainer:
                 lams,
             )
         metrics.update(timer.times)
-        if self.device.type == "cuda":
-            metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        else:
-            metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as file:
-                file.write(json.dumps(_json_safe(metrics)) + "\n")
-            writer = self._tensorboard()
-            if writer is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, int | float) and key != "step":
-                        writer.add_scalar(key, value, self.step)
+        metrics.update(peak_memory(self.device))
+        self.metrics_log.write(metrics)
         return metrics
-
-    def _tensorboard(self):
-        if self._writer is None and self.cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.out / "tensorboard"))
-        return self._writer
 
     @torch.no_grad()
     def save_images(self, tag: str) -> None:
         """A grid of the fixed evaluation prompts, fixed seeds (every rank runs it: ZeRO-3 needs all ranks)."""
-        from engine.images import save_grid
-
         cfg = self.cfg
         prompts = self.eval_prompts
-        height, width = cfg.model.height, cfg.model.width
+        seeds = list(range(len(prompts)))
         steps = cfg.rollout.eval_num_steps or cfg.rollout.num_steps
         weights = cfg.logging.eval_weights
         swap = self.ema.swapped_in() if weights == "ema" and self.ema is not None else contextlib.nullcontext()
         with swap:
-            _, trajectory = self._rollout(prompts, list(range(len(prompts))), steps, keep=[steps])
-        images = self.adapter.decode(trajectory.latent(steps, self.device, torch.float32), height, width)
-        scores = self.criterion(images, prompts)[1]
+            _, trajectory = self._rollout(prompts, seeds, steps, keep=[steps])
+        x0 = trajectory.latent(steps, self.device, torch.float32)
+        images = self.adapter.decode(x0, cfg.model.height, cfg.model.width)
+        rewards = self.criterion(images, prompts)[1]
         if self.rank == 0:  # only rank 0 writes: the judge (host-side segmentation) runs here alone
-            judged = _judge(images, self.eval_specs or prompts)
-            path = self.out / "images" / f"{tag}.png"
-            save_grid(images.float().cpu(), [f"{p} ({s:.3f})" for p, s in zip(prompts, scores.tolist())], path)
-            # The numbers behind the grid, so a reloaded export can be checked against what the engine produced.
-            record = {
-                "prompts": prompts,
-                "seeds": list(range(len(prompts))),
-                "num_steps": steps,
-                "rollout_dtype": cfg.rollout.dtype,
-                "weights": weights,
-                "reward": scores.tolist(),
-                "step": self.step,
-            }
-            if judged is not None:
-                record["judge"] = judged
-                summary = ", ".join(f"{k} {v:.2f}" for k, v in judged.items())
-                log_rank0("judge (%s, %d held-out prompts): %s", tag, len(prompts), summary)
-            (path.with_suffix(".json")).write_text(json.dumps(record, indent=1))
-
-
-def _judge(images: torch.Tensor, prompts: list) -> dict[str, float] | None:
-    """The embedded world's exact judge (GenEval's rules) when every prompt is a world prompt, else None.
-
-    ``prompts``: world ``Prompt``s, or captions looked up by text (a caption that two categories share, such as
-    "a red circle" in single_object and colors, is then reported under the first).
-    """
-    from engine.world.evaluate import judge_report, world_prompt
-
-    specs = [p if not isinstance(p, str) else world_prompt(p) for p in prompts]
-    if any(spec is None for spec in specs):
-        return None
-    return judge_report(images.float().cpu(), specs)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows after ``step``: a run killed after its last checkpoint logged steps that will be redone."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by the kill: everything after it is lost anyway
-        if row.get("step", 0) > step:
-            break
-        kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json_safe(metrics: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+            record = {"seeds": seeds, "num_steps": steps, "rollout_dtype": cfg.rollout.dtype, "weights": weights,
+                      "step": self.step}  # fmt: skip
+            write_evaluation(self.out / "images" / f"{tag}.png", images, prompts, rewards, specs=self.eval_specs,
+                             record=record)  # fmt: skip

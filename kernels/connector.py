@@ -187,7 +187,6 @@ def leap_connector(
         )
     if prediction.dim() < 1:
         raise ValueError("leap_connector: tensors need a leading batch dimension [B, ...]")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"leap_connector: alpha={alpha} must lie in [0, 1] (the paper uses 0.1-0.3)")
+    # alpha is checked once, where users set it (method.leapalign.alpha) and where the maths takes it (leap_path).
     triton_kernels = use_triton(backend, _connector_fwd_kernel, prediction, target)
     return LeapConnectorFunction.apply(prediction, target, float(alpha), with_velocity_input, triton_kernels)

@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.memory import MODELS, load_calibration  # noqa: E402
-from engine.planner import REWARD_ARCHS, PlanInput, plan_memory, spec_from_folder  # noqa: E402
+from engine.memory import MODELS, REWARD_ARCHS, PlanInput, load_calibration, plan_memory, spec_from_folder  # noqa: E402  # noqa: E402
 
 DEFAULTS = dict(
     model="flux-dev", zero=3, offload_optimizer=False, offload_param=False, lora_rank=0, resolution=720, batch_size=1,
@@ -82,7 +81,7 @@ def _from_run(args: argparse.Namespace) -> dict:
             found["model"] = model_kind(cfg.model.kind).planner_spec
         found.update(
             lora_rank=cfg.optim.lora_rank, resolution=max(cfg.model.height, cfg.model.width),
-            objective=cfg.method.objective, n_leaps=cfg.method.n_leaps, steps=cfg.rollout.num_steps,
+            objective=cfg.method.objective, n_leaps=cfg.method.leapalign.n_leaps, steps=cfg.rollout.num_steps,
             checkpointing=cfg.model.gradient_checkpointing, gather=cfg.rollout.gather_params,
             reward=[r.name for r in cfg.rewards], frozen_dtype=cfg.model.frozen_dtype,
             text_encoder_device="cpu" if (cfg.model.text_encoder_device or "").startswith("cpu") else "gpu",

@@ -4,8 +4,9 @@
     python launch/train.py --deepspeed configs/zero3.json            # one process, no launcher
 
 ``--deepspeed`` names the DeepSpeed JSON (ZeRO stage, precision, optimizer, batch): the only source of those
-settings. ``--config`` and ``key=value`` overrides (``method.alpha=0.1``, ``model.path=/models/FLUX.1-dev``) set
-the rest. Bad input stops the run before any work with one line naming the input and the fix.
+settings. ``--config`` and ``key=value`` overrides (``method.leapalign.alpha=0.1``, ``model.path=/models/FLUX.1-dev``)
+set the rest. Each objective owns its settings, nested under ``method.<objective>`` (``method.objective=refl
+method.refl.last_steps=11``). Bad input stops the run before any work with one line naming the input and the fix.
 """
 
 from __future__ import annotations

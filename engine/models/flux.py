@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.configuration_utils import FrozenDict
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -28,11 +27,11 @@ from engine.models.base import (
     freeze,
     make_noise,
     module_dtype,
-    release_memory,
     scheduler_sigmas,
     set_vae_gradient_checkpointing,
 )
-from engine.models.loading import ComponentKind, Link, check_model_contents, check_model_folder, load_components
+from engine.models.family import Family, free_text_encoders
+from engine.models.loading import ComponentKind, Link
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +62,7 @@ FLUX_LINKS: tuple[Link, ...] = (
     ("transformer", "pooled_projection_dim", (("text_encoder", "hidden_size"),), 1),
     ("transformer", "in_channels", (("vae", "latent_channels"),), 4),
 )
+FLUX = Family("FLUX", "FluxPipeline", FLUX_COMPONENTS, FLUX_CLASSES, FLUX_LINKS)
 
 
 class FluxAdapter:
@@ -118,11 +118,8 @@ class FluxAdapter:
 
     @classmethod
     def check_folder(cls, path: str | Path) -> Path:
-        """Checks a FLUX folder whole without loading a weight: files present, every JSON, tokenizer and safetensors
-        header read, names and shapes as each ``config.json`` says, the components' dimensions agreeing."""
-        folder = check_model_folder(path, pipeline_class="FluxPipeline", components=FLUX_COMPONENTS)
-        check_model_contents(folder, FLUX_CLASSES, FLUX_LINKS)
-        return folder
+        """Checks a FLUX folder whole without loading a weight (``Family.check_folder``)."""
+        return FLUX.check_folder(path)
 
     @classmethod
     def from_pretrained(
@@ -156,24 +153,11 @@ class FluxAdapter:
         Raises:
             ModelFolderError: When the folder is missing, incomplete or not a FluxPipeline.
         """
-        folder = check_model_folder(path, pipeline_class="FluxPipeline", components=FLUX_COMPONENTS)
-        text_dtype = text_encoder_dtype or dtype
-        classes = dict(FLUX_CLASSES)
-        if transformer is not None:
-            parts = set(parts if parts is not None else classes) - {"transformer"}
-        loaded = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device, parts=parts)
-        if transformer is not None:
-            loaded["transformer"] = transformer
+        folder, loaded = FLUX.load(path, device=device, dtype=dtype, text_encoder_dtype=text_encoder_dtype,
+                                   parts=parts, transformer=transformer)  # fmt: skip
         if max_sequence_length is None:
             max_sequence_length = cls.sequence_length(folder)
-        logger.info("loaded FLUX model from %s (transformer %s, text encoders %s)", folder, dtype, text_dtype)
-        return cls(
-            **loaded,
-            device=device,
-            dtype=dtype,
-            max_sequence_length=max_sequence_length,
-            transformer_config=FrozenDict(FluxTransformer2DModel.load_config(folder / "transformer")),
-        )
+        return cls(**loaded, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
 
     @staticmethod
     def sequence_length(path: str | Path) -> int:
@@ -222,12 +206,7 @@ class FluxAdapter:
 
     def free_text_encoders(self) -> None:
         """Drops CLIP, T5 and their tokenizers (after prompts are encoded and cached) to free their memory."""
-        self.text_encoder = None
-        self.text_encoder_2 = None
-        self.tokenizer = None
-        self.tokenizer_2 = None
-        release_memory()
-        logger.info("FLUX text encoders freed")
+        free_text_encoders(self, "FLUX")
 
     # -------------------------------------------------------------------------------------------- geometry
 

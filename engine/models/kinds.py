@@ -24,7 +24,7 @@ class ModelKind:
     transformer: type  # the class built partitioned under ZeRO-3
     text_parts: tuple[str, ...]  # what the text phase loads (encoders, tokenizers, scheduler)
     negative_prompt: bool  # true CFG with a negative prompt (SD3) vs embedded guidance (FLUX)
-    planner_spec: str  # engine.memory.MODELS entry of the released model
+    planner_spec: str  # engine.models.specs.MODELS entry of the released model
     clip_tokens: int  # CLIP tokens the transformer sees beside T5's (SD3 concatenates 77)
 
     def text_tokens(self, t5_tokens: int) -> int:

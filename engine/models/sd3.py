@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.configuration_utils import FrozenDict
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -25,11 +24,11 @@ from engine.models.base import (
     freeze,
     make_noise,
     module_dtype,
-    release_memory,
     scheduler_sigmas,
     set_vae_gradient_checkpointing,
 )
-from engine.models.loading import ComponentKind, Link, check_model_contents, check_model_folder, load_components
+from engine.models.family import Family, free_text_encoders
+from engine.models.loading import ComponentKind, Link
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +68,7 @@ SD3_LINKS: tuple[Link, ...] = (
     ),
     ("transformer", "in_channels", (("vae", "latent_channels"),), 1),
 )
+SD3 = Family("SD3", "StableDiffusion3Pipeline", SD3_COMPONENTS, SD3_CLASSES, SD3_LINKS)
 
 
 class SD3Adapter:
@@ -137,10 +137,8 @@ class SD3Adapter:
 
     @classmethod
     def check_folder(cls, path: str | Path) -> Path:
-        """Checks an SD3 folder whole without loading a weight, as ``FluxAdapter.check_folder`` does."""
-        folder = check_model_folder(path, pipeline_class="StableDiffusion3Pipeline", components=SD3_COMPONENTS)
-        check_model_contents(folder, SD3_CLASSES, SD3_LINKS)
-        return folder
+        """Checks an SD3 folder whole without loading a weight (``Family.check_folder``)."""
+        return SD3.check_folder(path)
 
     @classmethod
     def from_pretrained(
@@ -173,23 +171,10 @@ class SD3Adapter:
         Raises:
             ModelFolderError: When the folder is missing, incomplete or not a StableDiffusion3Pipeline.
         """
-        folder = check_model_folder(path, pipeline_class="StableDiffusion3Pipeline", components=SD3_COMPONENTS)
-        text_dtype = text_encoder_dtype or dtype
-        classes = dict(SD3_CLASSES)
-        if transformer is not None:
-            parts = set(parts if parts is not None else classes) - {"transformer"}
-        loaded = load_components(folder, classes, dtype=dtype, text_dtype=text_dtype, device=device, parts=parts)
-        if transformer is not None:
-            loaded["transformer"] = transformer
-        logger.info("loaded SD3 model from %s (transformer %s, text encoders %s)", folder, dtype, text_dtype)
-        return cls(
-            **loaded,
-            transformer_config=FrozenDict(SD3Transformer2DModel.load_config(folder / "transformer")),
-            device=device,
-            dtype=dtype,
-            max_sequence_length=max_sequence_length,
-            cfg_negative_no_grad=cfg_negative_no_grad,
-        )
+        _, loaded = SD3.load(path, device=device, dtype=dtype, text_encoder_dtype=text_encoder_dtype, parts=parts,
+                             transformer=transformer)  # fmt: skip
+        return cls(**loaded, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
+                   cfg_negative_no_grad=cfg_negative_no_grad)  # fmt: skip
 
     @staticmethod
     def sequence_length(path: str | Path) -> int:
@@ -253,14 +238,7 @@ class SD3Adapter:
 
     def free_text_encoders(self) -> None:
         """Drops both CLIPs, T5 and their tokenizers (after prompts are encoded and cached) to free memory."""
-        self.text_encoder = None
-        self.text_encoder_2 = None
-        self.text_encoder_3 = None
-        self.tokenizer = None
-        self.tokenizer_2 = None
-        self.tokenizer_3 = None
-        release_memory()
-        logger.info("SD3 text encoders freed")
+        free_text_encoders(self, "SD3")
 
     # -------------------------------------------------------------------------------------------- geometry
 
@@ -402,18 +380,9 @@ class SD3Adapter:
     # ---------------------------------------------------------------------------------------------- decode
 
     def decode(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Decodes latents to images, differentiably (no ``no_grad`` inside).
-
-        Args:
-            x: [B, C, h, w] x_0.
-            height: Image height in pixels.
-            width: Image width in pixels.
-
-        Returns:
-            [B, 3, height, width] float32 images in [0, 1].
-        """
+        """Decodes latents ``[B, C, h, w]`` to ``[B, 3, height, width]`` float32 images in [0, 1], differentiably."""
         return decode_latents(self.vae, self.unpack_latents(x, height, width))
 
     def vae_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recomputes VAE block activations in backward (saves the decode graph's memory) when enabled."""
+        """As ``FluxAdapter.vae_gradient_checkpointing``."""
         set_vae_gradient_checkpointing(self.vae, enabled)

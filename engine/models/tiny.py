@@ -34,8 +34,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from engine.memory import TINY_FLUX_TRANSFORMER
 from engine.models.loading import strip_machine_paths
+from engine.models.specs import TINY_FLUX_TRANSFORMER
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, transformer: dict | None 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = _clip_tokenizer(Path(scratch))
         tokenizer_2 = _t5_tokenizer(Path(scratch))
-    # One config for the builder and the memory planner's "tiny" rows (engine/memory.py).
+    # One config for the builder and the memory planner's "tiny" rows (engine/models/specs.py).
     config = {**TINY_FLUX_TRANSFORMER, **(transformer or {})}
     clip_dim, t5_dim = config["pooled_projection_dim"], config["joint_attention_dim"]
     text_encoder = CLIPTextModel(_clip_config(tokenizer, clip_dim))

@@ -1,5 +1,5 @@
 """``world_clip``: the embedded world's learned reward, a tiny open_clip CLIP trained contrastively on the world's
-scenes with hard negative captions (``engine/world/build.py``), loaded through the HPS open_clip loader.
+scenes with hard negative captions (``engine/world/build_reward.py``), loaded through the HPS open_clip loader.
 
 Score: the cosine of the normalised image and text features, as HPSv2's. On rendered ground-truth scenes it scores
 0.93 ± 0.03 (``engine/world/assets/reward/TRAINING.json``), on the base model's held-out images 0.65 ± 0.30 (0.91 on

@@ -35,15 +35,11 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,87 +48,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.models.loading import strip_machine_paths
-from engine.world.paths import ASSETS, REWARD_FILE
+from engine.world import build_reward
+from engine.world.paths import ASSETS
 from engine.world.scenes import (
-    COLORS,
-    MAX_COUNT,
-    SHAPES,
-    Prompt,
-    SceneSpec,
     all_prompts,
-    caption,
-    mirror,
     sample_dataset,
+)
+from engine.world.training import (
+    IMAGE_SIZE,
+    T5_MAX_LENGTH,
+    TEXT_DIM,
+    cosine_lr,
+    loss_curve,
+    record_stage,
+    replace_folder,
+    to_pixels,
 )
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SIZE = 32
-T5_MAX_LENGTH = 12  # the longest caption is 11 word tokens + </s>
-TEXT_DIM = 32
-
-REWARD_MODEL_CFG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 3, "width": 96, "head_width": 32, "patch_size": 4},
-    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 3},
-}
-
-
-# ----------------------------------------------------------------------------------------------------- helpers
-
-
-def _record(folder: Path, stage: str, settings: dict, seconds: float, metrics: dict, **extra) -> None:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    import diffusers
-
-    record = {
-        "stage": stage,
-        "settings": settings,
-        "wall_seconds": round(seconds, 1),
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads (CPU)"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "commit": commit or "unknown",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "metrics": metrics,
-        **extra,
-    }
-    (folder / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def _replace_folder(tmp: Path, final: Path) -> None:
-    """Moves a finished folder into place; the old one is removed only after the new one is complete."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _to_unit(images: np.ndarray) -> torch.Tensor:
-    """``uint8 [N, H, W, 3]`` → float ``[N, 3, H, W]`` in [0, 1] (what rewards take)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-
-
-def _to_pixels(images: np.ndarray) -> torch.Tensor:
-    """``uint8 [N, H, W, 3]`` → float ``[N, 3, H, W]`` in [-1, 1] (the VAE's range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def world_vae():
@@ -175,14 +108,14 @@ def train_vae(
     torch.manual_seed(seed)
     vae = world_vae()
     images, _ = sample_dataset(num_images, seed=seed + 101, size=IMAGE_SIZE)
-    pixels = _to_pixels(images)
+    pixels = to_pixels(images)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     start = time.time()
     losses = []
     for step in (bar := tqdm(range(steps), desc="vae", unit="step")):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, 100)
+            group["lr"] = cosine_lr(step, steps, lr, 100)
         x = pixels[torch.randint(len(pixels), (batch,), generator=generator)]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
@@ -198,14 +131,14 @@ def train_vae(
     # FLUX's convention: model latents = (z − shift) · scale, with z the posterior mean.
     held_images, held_prompts = sample_dataset(600, seed=seed + 202, size=IMAGE_SIZE)
     with torch.no_grad():
-        z = torch.cat([vae.encode(c).latent_dist.mean for c in _to_pixels(held_images).split(100)])
+        z = torch.cat([vae.encode(c).latent_dist.mean for c in to_pixels(held_images).split(100)])
         shift, scale = z.mean().item(), 1.0 / z.std().item()
         recon = torch.cat([vae.decode(c).sample for c in z.split(100)])
     vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(scale, 4))
     judged = evaluate((recon / 2 + 0.5).clamp(0, 1), held_prompts)
     metrics = {
         "final_loss": float(np.mean(losses[-50:])),
-        "recon_l1_pixels_0_255": float((recon - _to_pixels(held_images)).abs().mean() * 127.5),
+        "recon_l1_pixels_0_255": float((recon - to_pixels(held_images)).abs().mean() * 127.5),
         "judge_on_reconstructions": {"overall": judged.overall, **judged.per_category},
         "shift_factor": round(shift, 4),
         "scaling_factor": round(scale, 4),
@@ -215,9 +148,9 @@ def train_vae(
     vae.save_pretrained(tmp)
     strip_machine_paths(tmp)
     settings = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "images": num_images}
-    _record(tmp, "vae", settings, seconds, metrics)
+    record_stage(tmp, "vae", settings, seconds, metrics)
     out.mkdir(parents=True, exist_ok=True)
-    _replace_folder(tmp, out / "vae")
+    replace_folder(tmp, out / "vae")
     logger.info("VAE saved to %s: %s", out / "vae", metrics)
     return metrics
 
@@ -294,7 +227,7 @@ def pretrain_model(
     logger.info("rendering %d scenes and encoding them", num_images)
     images, prompts = sample_dataset(num_images, seed=data_seed, size=IMAGE_SIZE)
     with torch.no_grad():
-        z = torch.cat([vae.encode(c).latent_dist.mean for c in _to_pixels(images).split(500)])
+        z = torch.cat([vae.encode(c).latent_dist.mean for c in to_pixels(images).split(500)])
     latents = adapter.pack_latents((z - vae.config.shift_factor) * vae.config.scaling_factor)
     prompt_ids = torch.tensor([index[p.text] for p in prompts])
     del images, z
@@ -311,7 +244,7 @@ def pretrain_model(
     transformer.train()
     for step in (bar := tqdm(range(steps), desc="pretrain", unit="step")):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, 200)
+            group["lr"] = cosine_lr(step, steps, lr, 200)
         rows = torch.randint(len(latents), (batch,), generator=generator)
         x0 = latents[rows]
         noise = torch.randn(x0.shape, generator=generator)
@@ -353,153 +286,15 @@ def pretrain_model(
     from engine.world.evaluate import evaluate_model
 
     report = evaluate_model(tmp, seed=0, per_category=eval_per_category)
-    metrics = {"final_loss": float(np.mean(losses[-100:])), "loss_curve": _curve(losses), **report}
+    metrics = {"final_loss": float(np.mean(losses[-100:])), "loss_curve": loss_curve(losses), **report}
     settings = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "images": num_images, "ema": ema_decay,
                 "eval_per_category": eval_per_category, "data_seed": data_seed}  # fmt: skip
     rounds.append({"settings": settings, "wall_seconds": round(seconds, 1), "judge": report["judge"]})
     total = {**settings, "steps": sum(r["settings"]["steps"] for r in rounds), "rounds": len(rounds)}
-    _record(tmp, "model", total, sum(r["wall_seconds"] for r in rounds), metrics, rounds=rounds)
-    _replace_folder(tmp, out)
+    record_stage(tmp, "model", total, sum(r["wall_seconds"] for r in rounds), metrics, rounds=rounds)
+    replace_folder(tmp, out)
     logger.info("world model saved to %s (judge overall %.3f)", out, report["judge"]["overall"])
     return metrics
-
-
-def _curve(losses: Sequence[float], points: int = 20) -> list[float]:
-    chunks = np.array_split(np.asarray(losses), points)
-    return [round(float(c.mean()), 5) for c in chunks if len(c)]
-
-
-# ------------------------------------------------------------------------------------------------------- reward
-
-
-def hard_negatives(prompt: Prompt, rng: np.random.Generator) -> list[str]:
-    """Captions that differ from ``prompt`` in one compositional detail: what the reward must learn to see."""
-    spec, category = prompt.spec, prompt.category
-    objects = list(spec.objects)
-    out: list[SceneSpec] = []
-    if spec.relation is not None:
-        out.append(mirror(spec))
-        out.append(SceneSpec((objects[1], objects[0]), spec.relation))  # the same relation, objects swapped
-    if len(objects) == 2 and objects[0].color != objects[1].color:
-        a, b = objects
-        out.append(replace(spec, objects=(replace(a, color=b.color), replace(b, color=a.color))))
-    if category == "counting":
-        wrong = [n for n in range(1, MAX_COUNT + 1) if n != objects[0].count]
-        out.append(SceneSpec((replace(objects[0], count=int(rng.choice(wrong))),)))
-    i = int(rng.integers(len(objects)))
-    other_color = [c for c in COLORS if c != objects[i].color]
-    other_shape = [s for s in SHAPES if s != objects[i].shape and all(o.shape != s for o in objects)]
-    swapped = list(objects)
-    swapped[i] = replace(objects[i], color=str(rng.choice(other_color)))
-    out.append(replace(spec, objects=tuple(swapped)))
-    if other_shape:
-        swapped = list(objects)
-        swapped[i] = replace(objects[i], shape=str(rng.choice(other_shape)))
-        out.append(replace(spec, objects=tuple(swapped)))
-    texts = []
-    for negative in out:
-        text = caption(negative, category if category != "counting" or len(negative.objects) == 1 else "two_object")
-        if text != prompt.text:
-            texts.append(text)
-    return texts
-
-
-def train_reward(
-    out: Path, steps: int = 1500, batch: int = 64, seed: int = 0, lr: float = 1e-3, num_images: int = 40_000
-) -> dict:
-    """Trains the world's CLIP reward and saves ``out/world_clip.pt`` + ``open_clip_config.json``."""
-    import open_clip
-    from open_clip import factory
-
-    torch.manual_seed(seed)
-    arch = "world-clip"
-    factory._MODEL_CONFIGS[arch] = REWARD_MODEL_CFG
-    model = open_clip.create_model(arch, pretrained=None)
-    tokenizer = open_clip.get_tokenizer(arch)
-    images, prompts = sample_dataset(num_images, seed=seed + 404, size=IMAGE_SIZE)
-    rng = np.random.default_rng(seed + 505)
-    negatives = [hard_negatives(p, rng) for p in prompts]
-    from engine.rewards import preprocess
-
-    pixels = _to_unit(images)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    start = time.time()
-    model.train()
-    for step in (bar := tqdm(range(steps), desc="reward", unit="step")):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, 100)
-        rows = torch.randint(num_images, (batch,), generator=generator).tolist()
-        # The same preprocessing the reward applies at scoring time, plus light pixel noise for robustness to
-        # the slightly-off colours of generated images.
-        x = pixels[rows]
-        x = (x + 0.04 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
-        x = preprocess.clip_longest_pad(x, IMAGE_SIZE)
-        texts = [prompts[r].text for r in rows]
-        hard = [t for r in rows for t in negatives[r]]
-        owner = torch.tensor([b for b, r in enumerate(rows) for _ in negatives[r]])
-        image_features = model.encode_image(x, normalize=True)
-        text_features = model.encode_text(tokenizer(texts + hard), normalize=True)
-        logits = model.logit_scale.exp() * image_features @ text_features.T  # [B, B + H]
-        # Duplicate captions in a batch are not negatives of each other.
-        all_texts = texts + hard
-        same = torch.tensor([[a == b for b in all_texts] for a in texts])
-        target = torch.arange(batch)
-        mask = same & ~F.one_hot(target, len(all_texts)).bool()
-        # Hard negatives only compete for their own image.
-        mask[:, batch:] |= owner[None, :] != torch.arange(batch)[:, None]
-        image_to_text = F.cross_entropy(logits.masked_fill(mask, float("-inf")), target)
-        eye = torch.eye(batch, dtype=torch.bool)
-        text_logits = logits[:, :batch].T.masked_fill(same[:, :batch] & ~eye, float("-inf"))
-        text_to_image = F.cross_entropy(text_logits, target)
-        loss = (image_to_text + text_to_image) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    seconds = time.time() - start
-    model.eval()
-    metrics = {"final_loss": float(np.mean(losses[-100:])), "loss_curve": _curve(losses)}
-    metrics.update(reward_accuracy(model, tokenizer, seed=seed + 606))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state}, tmp / REWARD_FILE)
-    config = {"model_name": "world-clip", "model_cfg": REWARD_MODEL_CFG}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    settings = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "images": num_images, "saved_dtype": "fp16"}
-    _record(tmp, "reward", settings, seconds, metrics)
-    _replace_folder(tmp, out)
-    logger.info("world reward saved to %s: %s", out, {k: v for k, v in metrics.items() if k != "loss_curve"})
-    return metrics
-
-
-@torch.no_grad()
-def reward_accuracy(model, tokenizer, seed: int, n: int = 600) -> dict:
-    """How often the reward ranks a rendered scene's caption above each of its hard negatives, and its score range."""
-    from engine.rewards import preprocess
-
-    images, prompts = sample_dataset(n, seed=seed, size=IMAGE_SIZE)
-    rng = np.random.default_rng(seed)
-    x = preprocess.clip_longest_pad(_to_unit(images), IMAGE_SIZE)
-    features = model.encode_image(x, normalize=True)
-    wins: dict[str, list[bool]] = {}
-    scores = []
-    for feature, prompt in zip(features, prompts):
-        texts = [prompt.text, *hard_negatives(prompt, rng)]
-        sims = (model.encode_text(tokenizer(texts), normalize=True) @ feature).tolist()
-        scores.append(sims[0])
-        wins.setdefault(prompt.category, []).extend(s < sims[0] for s in sims[1:])
-    return {
-        "hard_negative_accuracy": {c: round(float(np.mean(w)), 3) for c, w in wins.items()},
-        "score_on_truth": {"mean": round(float(np.mean(scores)), 4), "std": round(float(np.std(scores)), 4)},
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -524,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages: dict[str, Callable[[], dict]] = {
         "vae": lambda: train_vae(args.out / "model", seed=args.seed, **size),
         "model": lambda: pretrain_model(args.out / "model", seed=args.seed, resume=args.resume, **size),
-        "reward": lambda: train_reward(args.out / "reward", seed=args.seed, **size),
+        "reward": lambda: build_reward.train_reward(args.out / "reward", seed=args.seed, **size),
     }
     for name in ["vae", "model", "reward"] if args.stage == "all" else [args.stage]:
         stages[name]()

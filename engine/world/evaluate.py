@@ -68,29 +68,16 @@ def generate(
     dtype: torch.dtype = torch.float32,
     embeddings: dict | None = None,
 ) -> torch.Tensor:
-    """Samples one image per prompt (per-sample noise seeds) with the adapter's rollout; ``[N, 3, H, W]`` in [0, 1].
+    """Samples one image per prompt (per-sample noise seeds) with the adapter's rollout; ``[N, 3, H, W]`` in [0, 1]
+    (``engine.rollout.sample`` without guidance: the world's model is not guidance-distilled).
 
     ``embeddings`` maps prompt → Conditioning (already encoded, e.g. after the text encoders were freed).
     """
-    from engine.models.base import Conditioning
-    from engine.rollout import rollout
+    from engine.rollout import sample
 
-    if len(prompts) != len(seeds):
-        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
-    times = adapter.time_grid(num_steps, height, width)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        if embeddings is not None:
-            cond = Conditioning.cat([embeddings[p] for p in chunk]).to(adapter.device)
-        else:
-            cond = adapter.encode_prompts(chunk)
-        noise = adapter.prepare_noise(len(chunk), height, width, list(seeds[start : start + batch_size]))
-        trajectory = rollout(
-            adapter, cond, noise, times, guidance_scale=1.0, keep=[], dtype=dtype, transformer=transformer
-        )
-        images.append(adapter.decode(trajectory.x0.to(adapter.device, torch.float32), height, width).cpu())
-    return torch.cat(images)
+    return sample(adapter, list(prompts), list(seeds), num_steps=num_steps, height=height, width=width,
+                  guidance_scale=1.0, dtype=dtype, batch_size=batch_size, transformer=transformer,
+                  embeddings=embeddings)  # fmt: skip
 
 
 def judge_report(images: torch.Tensor, prompts: Sequence[Prompt]) -> dict[str, float]:

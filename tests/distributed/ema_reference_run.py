@@ -57,9 +57,9 @@ def main(argv: list[str]) -> None:
         reference = {n: decay * reference[n] + (1 - decay) * current[n] for n in reference}
         applied += 1
     with trainer.ema.swapped_in():
-        inside = ckpt._consolidated_state_dict(trainer)
-    after = ckpt._consolidated_state_dict(trainer)
-    ckpt.export(trainer)
+        inside = ckpt.consolidated_state_dict(trainer.engine, trainer.zero_stage, trainer.rank)
+    after = ckpt.consolidated_state_dict(trainer.engine, trainer.zero_stage, trainer.rank)
+    trainer.export()
     if trainer.rank == 0:
         export = Path(out) / "export"
         ema = load_file(export / "transformer_ema" / "diffusion_pytorch_model.safetensors")

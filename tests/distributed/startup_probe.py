@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
         from engine.models.partitioned import weight_headers
         from engine.models.safetensors_io import read_tensor
 
-        state = ckpt._consolidated_state_dict(trainer)
+        state = ckpt.consolidated_state_dict(trainer.engine, trainer.zero_stage, trainer.rank)
         if rank == 0:
             folder = Path(cfg.model.path) / "transformer"
             diff = 0.0

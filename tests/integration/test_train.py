@@ -144,7 +144,7 @@ def test_main_trains_writes_metrics_images_checkpoint_and_export(tiny_flux_dir, 
     assert 0 < distance(ema, base) < distance(trained, base), (distance(ema, base), distance(trained, base))
     # config.yaml records the values used, not the nulls that asked for the reward's defaults.
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["method"]["alpha"] == 0.3 and resolved["rewards"][0]["lam"] == 0.9, resolved
+    assert resolved["method"]["leapalign"]["alpha"] == 0.3 and resolved["rewards"][0]["lam"] == 0.9, resolved
 
 
 def test_per_method_metrics_are_averaged_over_micro_batches(tiny_flux_dir, tmp_path):
@@ -200,12 +200,12 @@ def test_lora_trains_and_exports_weights_the_pipeline_loads(tiny_flux_dir, tmp_p
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["method.alpha=1.5"], "method.alpha"),
-        (["method.tau=0"], "method.tau"),
+        (["method.leapalign.alpha=1.5"], "method.leapalign.alpha"),
+        (["method.leapalign.tau=0"], "method.leapalign.tau"),
         (["method.objective=grpo"], "method.objective"),
         (["rewards.0.name=nope"], "rewards.0.name"),
         (["model.path=/nonexistent/flux"], "model.path"),
-        (["method.min_level=20", "method.max_level=10"], "method.min_level"),
+        (["method.leapalign.min_level=20", "method.leapalign.max_level=10"], "method.leapalign.min_level"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, match):

@@ -54,13 +54,18 @@ def case_args(name: str, tmp_path: Path, flux_dir: Path, sd3_dir: Path) -> tuple
         )
         return ["--deepspeed", str(bad)], "train_batch_size"
     if name == "alpha outside [0, 1]":
-        return ["--deepspeed", str(ds), "method.alpha=-0.1"], "method.alpha"
+        return ["--deepspeed", str(ds), "method.leapalign.alpha=-0.1"], "method.leapalign.alpha"
     if name == "tau <= 0":
-        return ["--deepspeed", str(ds), "method.tau=0"], "method.tau"
+        return ["--deepspeed", str(ds), "method.leapalign.tau=0"], "method.leapalign.tau"
     if name == "empty anchor range":
-        return ["--deepspeed", str(ds), "method.min_level=9", "method.max_level=4"], "method.min_level"
+        return [
+            "--deepspeed",
+            str(ds),
+            "method.leapalign.min_level=9",
+            "method.leapalign.max_level=4",
+        ], "method.leapalign.min_level"
     if name == "fewer grid steps than leaps":
-        return ["--deepspeed", str(ds), "rollout.num_steps=2", "method.n_leaps=3"], "method.n_leaps"
+        return ["--deepspeed", str(ds), "rollout.num_steps=2", "method.leapalign.n_leaps=3"], "method.leapalign.n_leaps"
     if name == "unknown objective":
         return ["--deepspeed", str(ds), "method.objective=dpo"], "method.objective"
     if name == "unknown reward":

@@ -229,12 +229,12 @@ EARLY = {
     "LoRA target typo": (["optim.lora_rank=4", "optim.lora_targets=[to_qq]"], "optim.lora_targets.0"),
     "LoRA target of another architecture": (["optim.lora_rank=4", "optim.lora_targets=[qkv]"], "optim.lora_targets.0"),
     "DRTune steps past its earliest stop": (
-        ["method.objective=drtune", "rollout.num_steps=4", "method.drtune_train_steps=4"],
-        "method.drtune_train_steps",
+        ["method.objective=drtune", "rollout.num_steps=4", "method.drtune.train_steps=4"],
+        "method.drtune.train_steps",
     ),
     "DRTune steps with a long stop window": (
-        ["method.objective=drtune", "rollout.num_steps=10", "method.drtune_stop_fraction=0.9"],
-        "method.drtune_train_steps",
+        ["method.objective=drtune", "rollout.num_steps=10", "method.drtune.stop_fraction=0.9"],
+        "method.drtune.train_steps",
     ),
     "seed overflowing the noise seeds": (["optim.seed=10000000000"], "optim.seed"),
     "seed near 2**63": ([f"optim.seed={2**62}"], "optim.seed"),

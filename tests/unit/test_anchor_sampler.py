@@ -82,7 +82,7 @@ def test_fixed_distance_spaces_anchors_exactly():
     "kwargs,match",
     [
         (dict(num_steps=25, n_leaps=2, min_level=10, max_level=5), "empty"),
-        (dict(num_steps=25, n_leaps=2, min_level=0), "empty or outside"),
+        (dict(num_steps=25, n_leaps=2, min_level=0), "min_level=0 must be >= 1"),
         (dict(num_steps=25, n_leaps=3, min_level=24, max_level=25), "3 leaps need 3 grid levels"),
         (dict(num_steps=1, n_leaps=2), "2 leaps need 2 grid levels"),
         (dict(num_steps=25, n_leaps=2, fixed_distance=25), "fixed_distance=25 does not fit"),

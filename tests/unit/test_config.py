@@ -26,6 +26,7 @@ from engine.config import (
     resolve_deepspeed_config,
     save_config,
 )
+from engine.objectives import LeapAlignConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 JSON_FILES = sorted(CONFIGS.glob("*.json"))
@@ -68,7 +69,12 @@ def test_defaults_are_valid_and_match_the_brief():
     assert cfg == load_config(None, [])
     assert (cfg.model.kind, cfg.model.path, cfg.model.height, cfg.model.width) == ("flux", None, 32, 32)
     assert [r.name for r in cfg.rewards] == ["world_clip"]
-    assert (cfg.method.objective, cfg.method.n_leaps, cfg.method.alpha, cfg.method.tau) == ("leapalign", 2, None, 0.1)
+    assert (
+        cfg.method.objective,
+        cfg.method.leapalign.n_leaps,
+        cfg.method.leapalign.alpha,
+        cfg.method.leapalign.tau,
+    ) == ("leapalign", 2, None, 0.1)
     assert cfg.rollout.num_steps == 25 and cfg.optim.max_steps == 40 and cfg.optim.ema_decay == 0.995
     assert cfg.optim.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
     # Mutable defaults are per instance.
@@ -90,7 +96,7 @@ def test_every_field_has_one_line_help():
     walk(TrainConfig)
     walk(RewardConfig)
     text = config_help()
-    assert "method.alpha (float or null, default None):" in text and "rewards.N.lam" in text
+    assert "method.leapalign.alpha (float or null, default None):" in text and "rewards.N.lam" in text
 
 
 def test_default_yaml_is_the_dataclass_defaults():
@@ -106,28 +112,38 @@ def test_shipped_yaml_loads(path):
 def test_paper_yaml_values():
     flux = load_config(str(CONFIGS / "flux_hpsv21.yaml"), [])
     assert (flux.model.kind, flux.model.height, flux.model.width, flux.model.guidance_scale) == ("flux", 720, 720, 3.5)
-    assert (flux.method.alpha, flux.method.tau, flux.rewards[0].name, flux.rewards[0].lam) == (0.3, 0.1, "hpsv21", 0.55)
+    assert (flux.method.leapalign.alpha, flux.method.leapalign.tau, flux.rewards[0].name, flux.rewards[0].lam) == (
+        0.3,
+        0.1,
+        "hpsv21",
+        0.55,
+    )
     assert (flux.rollout.num_steps, flux.rollout.eval_num_steps, flux.optim.max_steps) == (25, 50, 300)
     assert flux.optim.ema_decay == 0.995
     sd3 = load_config(str(CONFIGS / "sd35m_pickscore.yaml"), [])
-    assert (sd3.model.kind, sd3.method.alpha, sd3.rewards[0].name, sd3.rewards[0].lam) == ("sd3", 0.1, "pickscore", 0.4)
+    assert (sd3.model.kind, sd3.method.leapalign.alpha, sd3.rewards[0].name, sd3.rewards[0].lam) == (
+        "sd3",
+        0.1,
+        "pickscore",
+        0.4,
+    )
 
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
-        "output_dir: runs/a\nmethod: {alpha: 0.3, n_leaps: 3}\nrewards:\n  - {name: hpsv21, lam: 0.55}\n"
+        "output_dir: runs/a\nmethod: {leapalign: {alpha: 0.3, n_leaps: 3}}\nrewards:\n  - {name: hpsv21, lam: 0.55}\n"
         "optim: {lora_rank: 8}\n"
     )
     cfg = load_config(
         str(path),
         [
-            "method.alpha=0.1",  # override beats YAML
+            "method.leapalign.alpha=0.1",  # override beats YAML
             "output_dir=runs/x",
             "rewards.0.name=pickscore",  # list index
             "rewards.1.name=hpsv3",  # index len(list) appends a default entry
             "rewards.1.weight=2",  # int widened to float
-            "method.tau=1e-3",  # YAML 1.1 reads this as a string; float fields accept it
+            "method.leapalign.tau=1e-3",  # YAML 1.1 reads this as a string; float fields accept it
             "optim.lora_targets=[to_q, to_v]",  # YAML flow list
             "optim.lora_alpha=16",
             "rollout.eval_num_steps=null",
@@ -136,7 +152,7 @@ def test_yaml_then_overrides(tmp_path):
         ],
     )
     assert cfg.output_dir == "runs/x"
-    assert (cfg.method.alpha, cfg.method.n_leaps, cfg.method.tau) == (0.1, 3, 0.001)
+    assert (cfg.method.leapalign.alpha, cfg.method.leapalign.n_leaps, cfg.method.leapalign.tau) == (0.1, 3, 0.001)
     assert [(r.name, r.lam, r.weight) for r in cfg.rewards] == [("pickscore", 0.55, 1.0), ("hpsv3", None, 2.0)]
     assert isinstance(cfg.rewards[1].weight, float)
     assert cfg.optim.lora_targets == ["to_q", "to_v"] and cfg.optim.lora_alpha == 16.0
@@ -146,15 +162,17 @@ def test_yaml_then_overrides(tmp_path):
 
 
 def test_whole_section_and_list_overrides():
-    cfg = load_config(None, ["method={objective: refl, refl_last_steps: 5}", "rewards=[{name: a}, {name: b, lam: 1}]"])
-    assert cfg.method.objective == "refl" and cfg.method.refl_last_steps == 5 and cfg.method.n_leaps == 2
+    cfg = load_config(
+        None, ["method={objective: refl, refl: {last_steps: 5}}", "rewards=[{name: a}, {name: b, lam: 1}]"]
+    )
+    assert cfg.method.objective == "refl" and cfg.method.refl.last_steps == 5 and cfg.method.leapalign.n_leaps == 2
     assert [(r.name, r.lam) for r in cfg.rewards] == [("a", None), ("b", 1.0)]
 
 
 def test_save_config_round_trips(tmp_path):
     cfg = load_config(
         str(CONFIGS / "flux_hpsv21.yaml"),
-        ["rewards.1.name=pickscore", "rewards.1.weight=0.5", "method.fixed_distance=3", "optim.lora_rank=4"],
+        ["rewards.1.name=pickscore", "rewards.1.weight=0.5", "method.leapalign.fixed_distance=3", "optim.lora_rank=4"],
     )
     path = tmp_path / "run" / "config.yaml"
     save_config(cfg, path)
@@ -188,27 +206,42 @@ def test_check_paths(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 BAD_OVERRIDES = [
-    (["method.alpha=1.5"], "method.alpha=1.5 must lie in [0, 1] (paper: 0.3 for HPSv2.1, 0.1 for PickScore/HPSv3)"),
-    (["method.tau=0"], "method.tau=0.0 must be > 0"),
-    (["method.min_level=10", "method.max_level=5"], "method.min_level=10 > method.max_level=5"),
-    (["method.min_level=26"], "method.min_level=26 leaves the anchor range [26, 25] empty"),
-    (["rollout.num_steps=2", "method.n_leaps=3"], "method.n_leaps=3 needs 3 anchor levels but [1, 2] has 2"),
-    (["method.n_leaps=4"], "method.n_leaps=4 must be 1, 2 or 3"),
-    (["method.max_level=30"], "method.max_level=30 exceeds rollout.num_steps=25"),
     (
-        ["method.fixed_distance=25"],
-        "method.fixed_distance=25 does not fit 2 anchors in [1, 25]; use 1 <= fixed_distance <= 24",
+        ["method.leapalign.alpha=1.5"],
+        "method.leapalign.alpha=1.5 must lie in [0, 1] (paper: 0.3 HPSv2.1, 0.1 PickScore/HPSv3)",
+    ),
+    (["method.leapalign.tau=0"], "method.leapalign.tau=0.0 must be > 0"),
+    (
+        ["method.leapalign.min_level=10", "method.leapalign.max_level=5"],
+        "method.leapalign.min_level=10 leaves the anchor range [10, 5] empty",
+    ),
+    (["method.leapalign.min_level=26"], "method.leapalign.min_level=26 leaves the anchor range [26, 25] empty"),
+    (
+        ["rollout.num_steps=2", "method.leapalign.n_leaps=3"],
+        "method.leapalign.n_leaps=3: 3 leaps need 3 grid levels but [1, 2] has 2",
+    ),
+    (["method.leapalign.n_leaps=4"], "method.leapalign.n_leaps=4 must be 1, 2 or 3"),
+    (["method.leapalign.max_level=30"], "method.leapalign.max_level=30 exceeds rollout.num_steps=25"),
+    (
+        ["method.leapalign.fixed_distance=25"],
+        "method.leapalign.fixed_distance=25 does not fit 2 anchors in [1, 25]; use 1 <= fixed_distance <= 24",
     ),
     (
-        ["method.n_leaps=1", "method.fixed_distance=2"],
-        "method.fixed_distance=2 spaces consecutive anchors; it needs",
+        ["method.leapalign.n_leaps=1", "method.leapalign.fixed_distance=2"],
+        "method.leapalign.fixed_distance=2 spaces consecutive anchors; it needs",
     ),
     (["method.objective=grpo"], "method.objective='grpo' is not a valid choice; choose one of 'leapalign'"),
-    (["method.alpah=0.1"], "unknown config key 'method.alpah'; did you mean 'method.alpha'?"),
-    (["alpha=0.1"], "unknown config key 'alpha'; did you mean 'method.alpha'?"),
+    (["method.alpah=0.1"], "unknown config key 'method.alpah'; did you mean 'method.leapalign.alpha'?"),
+    (["method.n_leaps=3"], "config key 'method.n_leaps' moved to 'method.leapalign.n_leaps'"),
+    (["method.refl_last_steps=3"], "config key 'method.refl_last_steps' moved to 'method.refl.last_steps'"),
+    (
+        ["method.drtune_stop_fraction=0.5"],
+        "config key 'method.drtune_stop_fraction' moved to 'method.drtune.stop_fraction'",
+    ),
+    (["alpha=0.1"], "unknown config key 'alpha'; did you mean 'method.leapalign.alpha'?"),
     (["modle.kind=sd3"], "unknown config key 'modle'; did you mean 'model'?"),
-    (["method.n_leaps=two"], "method.n_leaps='two' has type str; expected int"),
-    (["method.similarity_weight=1"], "method.similarity_weight=1 has type int; expected bool"),
+    (["method.leapalign.n_leaps=two"], "method.leapalign.n_leaps='two' has type str; expected int"),
+    (["method.leapalign.similarity_weight=1"], "method.leapalign.similarity_weight=1 has type int; expected bool"),
     (["optim.seed=1.5"], "optim.seed=1.5 has type float; expected int"),
     (["method=3"], "method=3 has type int; expected a mapping of MethodConfig fields"),
     (["rewards.0.lam=.nan"], "rewards.0.lam=nan must be a finite number"),
@@ -220,14 +253,20 @@ BAD_OVERRIDES = [
     (["model.kind=sdxl"], "model.kind='sdxl' is not a valid choice"),
     (["optim.ema_decay=1.0"], "optim.ema_decay=1.0 must lie in (0, 1)"),
     (["optim.lora_alpha=16"], "optim.lora_alpha=16.0 needs optim.lora_rank > 0"),
-    (["method.pairs_per_rollout=2", "method.decouple_reward=false"], "method.pairs_per_rollout=2 > 1 reuses"),
-    (["method.drtune_stop_fraction=0"], "method.drtune_stop_fraction=0.0 must lie in (0, 1]"),
-    (["method.objective=refl", "method.refl_last_steps=30"], "method.refl_last_steps=30 exceeds rollout.num_steps=25"),
-    (["method.objective=full_backprop", "method.truncate_steps=26"], "method.truncate_steps=26 exceeds rollout"),
-    (["method.objective=drtune", "rollout.num_steps=1"], "method.drtune_train_steps=2 exceeds rollout.num_steps=1"),
+    (
+        ["method.leapalign.pairs_per_rollout=2", "method.leapalign.decouple_reward=false"],
+        "method.leapalign.pairs_per_rollout=2 > 1 reuses",
+    ),
+    (["method.drtune.stop_fraction=0"], "method.drtune.stop_fraction=0.0 must lie in (0, 1]"),
+    (["method.objective=refl", "method.refl.last_steps=30"], "method.refl.last_steps=30 exceeds rollout.num_steps=25"),
+    (
+        ["method.objective=full_backprop", "method.full_backprop.truncate_steps=26"],
+        "method.full_backprop.truncate_steps=26 exceeds rollout",
+    ),
+    (["method.objective=drtune", "rollout.num_steps=1"], "method.drtune.train_steps=2 exceeds rollout.num_steps=1"),
     (["rollout.num_steps=0"], "rollout.num_steps=0 must be >= 1"),
     (["checkpoint.resume="], "checkpoint.resume=None has type NoneType; expected str"),
-    (["method.alpha.x=1"], "method.alpha=None is a value, not a section"),
+    (["method.leapalign.alpha.x=1"], "method.leapalign.alpha=None is a value, not a section"),
     (["noequals"], "override 'noequals' is not key=value"),
 ]
 
@@ -240,20 +279,22 @@ def test_bad_value_gives_one_line_error(overrides, expected):
 
 def test_other_objectives_ignore_leap_range():
     # LeapAlign's anchor checks apply only when LeapAlign is the objective.
-    cfg = load_config(None, ["method.objective=refl", "rollout.num_steps=1", "method.refl_last_steps=1"])
-    assert cfg.method.n_leaps == 2
+    cfg = load_config(None, ["method.objective=refl", "rollout.num_steps=1", "method.refl.last_steps=1"])
+    assert cfg.method.leapalign.n_leaps == 2
 
 
 def test_direct_construction_is_checked():
-    assert _raises(MethodConfig, alpha=2.0).startswith("method.alpha=2.0 must lie in [0, 1]")
+    assert _raises(LeapAlignConfig, alpha=2.0).startswith("method.leapalign.alpha=2.0 must lie in [0, 1]")
     assert _raises(ModelConfig, width=0).startswith("model.width=0 must be a positive multiple of 16")
     assert _raises(RewardConfig, lam="high").startswith("reward.lam='high' has type str")
     assert _raises(TrainConfig, rewards=[]).startswith("rewards=[] is empty")
-    assert _raises(TrainConfig, method=MethodConfig(max_level=40)).startswith("method.max_level=40 exceeds")
+    method = MethodConfig(leapalign=LeapAlignConfig(max_level=40))
+    assert _raises(TrainConfig, method=method).startswith("method.leapalign.max_level=40 exceeds rollout.num_steps=25")
 
 
 BAD_YAML = [
-    ("method:\n  alhpa: 0.3\n", "unknown config key 'method.alhpa'; did you mean 'method.alpha'?"),
+    ("method:\n  alhpa: 0.3\n", "unknown config key 'method.alhpa'; did you mean 'method.leapalign.alpha'?"),
+    ("method:\n  alpha: 0.3\n", "config key 'method.alpha' moved to 'method.leapalign.alpha'"),
     ("rewards:\n  - {name: a, lamda: 0.3}\n", "unknown config key 'rewards.0.lamda'; did you mean 'rewards.0.lam'?"),
     ("rewards:\n  - {name: a, lam: -.inf}\n", "rewards.0.lam=-inf must be a finite number"),
     ("rewards: {name: a}\n", "rewards={'name': 'a'} has type dict; expected a list of"),

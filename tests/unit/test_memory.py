@@ -1,4 +1,4 @@
-"""Memory measurement and the analytic planner (engine/memory.py, launch/plan.py, benchmarks/memory_vs_depth.py)."""
+"""Memory measurement and the analytic planner (engine/memory/, launch/plan.py, benchmarks/memory_vs_depth.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from engine.memory import MODELS, Calibration, SavedTensorCounter, activation_bytes, parameter_counts
+from engine.memory import (
+    MODELS,
+    Calibration,
+    PlanInput,
+    SavedTensorCounter,
+    activation_bytes,
+    parameter_counts,
+    plan_memory,
+)
 from engine.objectives import build_objective
-from engine.planner import PlanInput, plan_memory
 
 CAL = Calibration(block_plain=20.0, block_checkpointed=2.0, vae_plain=8.0, vae_checkpointed=2.0, source="test")
 

@@ -191,7 +191,7 @@ def test_full_backprop_step_checkpointing_leaves_gradients_unchanged(adapter):
 
 
 def test_leapalign_without_similarity_weight_uses_unit_weight(adapter):
-    objective = LeapAlign(STEPS, use_similarity_weight=False, seed=1)
+    objective = LeapAlign(STEPS, similarity_weight=False, seed=1)
     plan = objective.plan()
     out, _ = run_grads(adapter, objective, plan)
     assert float(out.metrics["w"]) == 1.0

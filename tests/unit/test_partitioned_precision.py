@@ -8,44 +8,26 @@ this test fails on the code that passed ``dtype`` explicitly; on others both pas
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
-import socket
 
 import torch
 
+from tests.one_rank import run_in_one_rank
 
-def _build(folder: str, port: int, queue) -> None:
-    import torch.distributed as dist
+
+def _build(folder: str) -> str:
     from diffusers import FluxTransformer2DModel
 
     from engine.models.partitioned import build_partitioned
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        found = {}
-        for name, precision in (("fp32", {}), ("bf16", {"bf16": {"enabled": True}})):
-            ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, **precision}
-            dtype = torch.bfloat16 if precision else torch.float32
-            model = build_partitioned(FluxTransformer2DModel, f"{folder}/transformer", ds, dtype)
-            found[name] = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
-        queue.put(json.dumps(found))
-    finally:
-        dist.destroy_process_group()
+    found = {}
+    for name, precision in (("fp32", {}), ("bf16", {"bf16": {"enabled": True}})):
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, **precision}
+        dtype = torch.bfloat16 if precision else torch.float32
+        model = build_partitioned(FluxTransformer2DModel, f"{folder}/transformer", ds, dtype)
+        found[name] = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
+    return json.dumps(found)
 
 
 def test_partitioned_build_has_the_configs_precision(tiny_flux_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_build, args=(str(tiny_flux_dir), port, queue))
-    process.start()
-    try:
-        found = json.loads(queue.get(timeout=120))
-    finally:
-        process.join(timeout=60)
-    assert process.exitcode == 0
+    found = json.loads(run_in_one_rank(_build, str(tiny_flux_dir)))
     assert found == {"fp32": ["torch.float32"], "bf16": ["torch.bfloat16"]}, found

@@ -1,4 +1,4 @@
-"""The phase-by-phase planner (engine/planner.py, launch/plan.py) and the shipped configs' stated hardware.
+"""The phase-by-phase planner (engine/memory/plan.py, launch/plan.py) and the shipped configs' stated hardware.
 
 - Every phase is planned and the peak phase and its dominant component are named; reward models and text encoders
   are counted from their released architectures (before: rewards 0, no text phase).
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.memory import GiB, load_calibration
-from engine.planner import REWARD_ARCHS, TEXT_ENCODERS, PlanInput, counted, plan_memory
+from engine.memory import REWARD_ARCHS, TEXT_ENCODERS, GiB, PlanInput, counted, load_calibration, plan_memory
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CAL = load_calibration()

@@ -11,7 +11,7 @@ import torch
 
 from engine.models import FluxAdapter
 from engine.rewards import load_reward
-from engine.world.build import hard_negatives
+from engine.world.build_reward import hard_negatives
 from engine.world.evaluate import evaluate_model, generate, prompt_set, world_prompt
 from engine.world.paths import MODEL_DIR
 from engine.world.scenes import CATEGORIES, render
@@ -96,14 +96,14 @@ def test_hard_negatives_change_one_compositional_detail():
 @pytest.mark.slow
 def test_build_scripts_run_end_to_end(tmp_path):
     """Every stage, tiny sizes, into a temporary folder: the scripts that made the committed weights still work."""
-    from engine.world import build
+    from engine.world import build, build_reward
 
     build.train_vae(tmp_path / "model", steps=2, num_images=64)
     metrics = build.pretrain_model(tmp_path / "model", steps=2, batch=4, num_images=64, eval_per_category=1)
     assert set(metrics["judge"]) >= {"overall", *CATEGORIES}
     adapter = FluxAdapter.from_pretrained(tmp_path / "model")
     assert adapter.transformer.config.num_layers == 2
-    build.train_reward(tmp_path / "reward", steps=2, batch=8, num_images=64)
+    build_reward.train_reward(tmp_path / "reward", steps=2, batch=8, num_images=64)
     reward = load_reward("world_clip", str(tmp_path / "reward"))
     assert reward(torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]).shape == (2,)
     for stage in ("model", "reward"):
