@@ -159,8 +159,9 @@ def resolve_resume(cfg) -> Path | None:
     return found
 
 
-def saved_world_size(path: Path) -> int:
-    return json.loads((Path(path) / "COMPLETE").read_text())["world_size"]
+def checkpoint_meta(path: Path) -> dict:
+    """What rank 0 wrote into a complete checkpoint's ``COMPLETE``: ``step``, ``world_size``, ``depends``."""
+    return json.loads((Path(path) / "COMPLETE").read_text())
 
 
 class CheckpointManager:
@@ -227,7 +228,7 @@ class CheckpointManager:
     def load(self, path: Path) -> None:
         """Restore the engine's shards and every state from the complete checkpoint ``path``."""
         path = Path(path)
-        saved = saved_world_size(path)
+        saved = checkpoint_meta(path)["world_size"]
         if saved != self.world_size:
             raise ValueError(
                 f"checkpoint {path} was written by {saved} rank(s) but this run has {self.world_size}; resume with "

@@ -52,6 +52,7 @@ def write_evaluation(
     *,
     specs: Sequence | None = None,
     record: dict | None = None,
+    json_path: Path | None = None,
 ) -> dict:
     """Judge (world prompts), then write ``path`` (the grid) and ``path.json``.
 
@@ -63,6 +64,7 @@ def write_evaluation(
             written in the captions).
         specs: world ``Prompt``s for the judge (None: looked up by caption).
         record: what produced the images (seeds, steps, precision, weights, step), stored in the JSON.
+        json_path: where the JSON goes; None = beside the grid (``path`` with ``.json``).
 
     Returns:
         The JSON record written: ``prompts``, the ``record`` entries, ``reward`` (the first reward per image), and
@@ -90,7 +92,8 @@ def write_evaluation(
         }
         summary = ", ".join(f"{k} {v:.2f}" for k, v in out["judge"].items())
         logger.info("judge (%s, %d prompts): %s", path.stem, len(prompts), summary)
-    tmp = path.with_name(path.stem + ".json.tmp")
+    json_path = Path(json_path) if json_path is not None else path.with_suffix(".json")
+    tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path.with_suffix(".json"))
+    tmp.replace(json_path)
     return out

@@ -6,7 +6,6 @@ seconds and leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -59,12 +58,12 @@ def check_model(cfg: TrainConfig) -> None:
 def check_resume(cfg: TrainConfig, world_size: int, ds_config: dict | None = None) -> None:
     """A checkpoint to resume from was written by the same number of ranks (DeepSpeed shards are per rank) and
     with the same settings its shards depend on (``engine.checkpoint.depends``)."""
-    from engine.checkpoint import depends, resolve_resume
+    from engine.checkpoint import checkpoint_meta, depends, resolve_resume
 
     found = resolve_resume(cfg)
     if found is None:
         return
-    meta = json.loads((found / "COMPLETE").read_text())
+    meta = checkpoint_meta(found)
     saved = meta["world_size"]
     if saved != world_size:
         raise ConfigError(

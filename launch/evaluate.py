@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not scores:
         scores = {"none": torch.full((len(prompts),), float("nan"))}
-    result = write_evaluation(out / "grid.png", images, prompts, scores, specs=specs, record=record)
-    (out / "grid.json").replace(out / "evaluation.json")
+    result = write_evaluation(out / "grid.png", images, prompts, scores, specs=specs, record=record,
+                              json_path=out / "evaluation.json")  # fmt: skip
     summary = {k: result[k] for k in ("judge", "reward_per_category") if k in result}
     summary["reward_mean"] = {name: round(float(v.mean()), 4) for name, v in scores.items()}
     summary["seconds"] = round(time.perf_counter() - start, 1)
