@@ -51,7 +51,7 @@ OBJECTIVES = [
 ]
 
 
-def setup():
+def setup(reward_name: str = "world_clip"):
     from engine.models import FluxAdapter
     from engine.rewards import HingeTerm, RewardCriterion, load_reward
     from engine.world.evaluate import prompt_set
@@ -59,7 +59,7 @@ def setup():
 
     adapter = FluxAdapter.from_pretrained(str(MODEL_DIR), device="cpu", dtype=torch.float32)
     adapter.transformer.requires_grad_(True)
-    reward = load_reward("world_clip", None, "cpu", torch.float32)
+    reward = load_reward(reward_name, None, "cpu", torch.float32)
     criterion = RewardCriterion([HingeTerm(reward, reward.default_lam, 1.0)])
     by_category: dict[str, list[str]] = {}
     for prompt in prompt_set("finetune", per_category=64):
@@ -104,9 +104,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gain", action="store_true", help="also measure the fresh-sample gain (~10 min)")
     parser.add_argument("--fresh", type=int, default=504, help="fresh images per evaluation")
     parser.add_argument("--step", type=float, default=1e-3, help="max |Δθ| of the normalised step")
+    parser.add_argument("--reward", default="world_clip", help="world_clip (default) or world_scene")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    adapter, criterion, pool, reward = setup()
+    adapter, criterion, pool, reward = setup(args.reward)
+    suffix = "" if args.reward == "world_clip" else f"_{args.reward}"
     meta = stamp(torch.device("cpu"))
     started = time.perf_counter()
     rows = []
@@ -134,12 +136,12 @@ def main(argv=None) -> int:
             )
     seconds = time.perf_counter() - started
     args.output.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.output / "gradient_fidelity_cpu.jsonl", rows)
+    write_jsonl(args.output / f"gradient_fidelity_cpu{suffix}.jsonl", rows)
     lines = [
         "# Gradient fidelity in the embedded world (CPU, fp32)",
         "",
         f"Commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}, torch {meta['torch']}, {meta['date']}, "
-        f"{seconds / 60:.1f} min. world model + world_clip, 32², T = {STEPS}; {args.batches} batches of "
+        f"{seconds / 60:.1f} min. world model + {args.reward}, 32², T = {STEPS}; {args.batches} batches of "
         f"{args.batch_size} fine-tuning prompts; {args.draws} draws per objective and batch. Cosine with the exact "
         "gradient through all 25 Euler steps (full backprop).",
         "",
@@ -154,8 +156,8 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | {statistics.mean(singles):.3f} ± {spread:.3f} | {statistics.mean(means):.3f} |")
     if args.gain:
         lines += ["", *gain_table(adapter, criterion, reward, pool, args)]
-    (args.output / "gradient_fidelity_cpu.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plot(rows, args.output / "gradient_fidelity_cpu.png")
+    (args.output / f"gradient_fidelity_cpu{suffix}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(rows, args.output / f"gradient_fidelity_cpu{suffix}.png")
     print("\n".join(lines))
     return 0
 
@@ -169,7 +171,7 @@ GAIN_OBJECTIVES = [
 
 
 def _score(adapter, reward, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: the world_clip reward and the judge's verdict (1/0), on the fixed fresh noise."""
+    """Per image: the reward and the judge's verdict (1/0), on the fixed fresh noise."""
     from engine.world.evaluate import generate
     from engine.world.judge import evaluate
 
@@ -198,9 +200,9 @@ def gain_table(adapter, criterion, reward, pool, args) -> list[str]:
         f"## Fresh-sample gain: one step of max |Δθ| = {args.step:g} from n training samples, {args.fresh} fresh "
         "images (paired, mean ± 95% CI)",
         "",
-        f"Base model on the fresh images: world_clip {base_reward.mean():.4f}, judge {base_judge.mean():.4f}.",
+        f"Base model on the fresh images: {reward.name} {base_reward.mean():.4f}, judge {base_judge.mean():.4f}.",
         "",
-        "| objective | n | Δ world_clip | Δ judge |",
+        f"| objective | n | Δ {reward.name} | Δ judge |",
         "|---|---|---|---|",
     ]
     for label, name, options in GAIN_OBJECTIVES:

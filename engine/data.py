@@ -36,7 +36,7 @@ def embedded_eval_specs():
     caption, GenEval category and spec, for the judge."""
     from engine.world.evaluate import prompt_set
 
-    return prompt_set("heldout", EMBEDDED_EVAL_PER_CATEGORY)
+    return prompt_set("heldout", EMBEDDED_EVAL_PER_CATEGORY, cycle=True)
 
 
 def read_prompts(path: str, field: str = "data.prompts") -> list[str]:

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if world:
             from engine.world.evaluate import prompt_set
 
-            specs = prompt_set(args.split or "heldout", args.per_category)
+            specs = prompt_set(args.split or "heldout", args.per_category, cycle=True)
             prompts = [p.text for p in specs]
         else:
             specs, prompts = None, read_prompts(args.prompts, "--prompts")

@@ -34,11 +34,13 @@ def world_prompt(text: str) -> Prompt | None:
     return _by_text().get(text)
 
 
-def prompt_set(split: str, per_category: int, seed: int = SPLIT_SEED) -> list[Prompt]:
+def prompt_set(split: str, per_category: int, seed: int = SPLIT_SEED, cycle: bool = False) -> list[Prompt]:
     """``per_category`` prompts of each category from the fine-tuning or held-out split, in a fixed order.
 
     ``single_object`` and ``colors`` share captions in this world (every object names its colour), so the two
-    categories draw different captions of the same pool.
+    categories draw different captions of the same pool. A category with fewer captions than ``per_category``
+    (held-out ``single_object`` has 6) gives all of them, or with ``cycle`` repeats them in order up to
+    ``per_category`` (each repeat is a new image where every image gets its own seed, as ``launch/evaluate.py``'s).
     """
     split_prompts = make_prompts(seed)
     pool = split_prompts.finetune if split == "finetune" else split_prompts.heldout
@@ -50,6 +52,8 @@ def prompt_set(split: str, per_category: int, seed: int = SPLIT_SEED) -> list[Pr
         if category == "colors":  # skip the captions single_object already took
             taken = {p.text for p in chosen if p.category == "single_object"}
             members = [p for p in members if p.text not in taken] or members
+        if cycle:
+            members = [members[i % len(members)] for i in range(per_category)]
         chosen += members[:per_category]
     return chosen
 

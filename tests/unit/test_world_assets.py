@@ -82,6 +82,14 @@ def test_prompt_sets_cover_every_category_and_respect_the_split():
         prompt_set("test", 1)
 
 
+def test_a_cycled_prompt_set_fills_every_category():
+    """Held-out single_object has 6 captions; cycled, 50 per category gives 300 prompts, each category equally."""
+    plain, cycled = prompt_set("heldout", 50), prompt_set("heldout", 50, cycle=True)
+    assert sum(p.category == "single_object" for p in plain) == 6
+    assert len(cycled) == 300 and all(sum(p.category == c for p in cycled) == 50 for c in CATEGORIES)
+    assert {p.text for p in cycled} == {p.text for p in plain}
+
+
 def test_hard_negatives_change_one_compositional_detail():
     prompt = world_prompt("a red circle to the left of a blue square")
     negatives = hard_negatives(prompt, np.random.default_rng(0))

@@ -1,0 +1,235 @@
+"""``world_scene``: a differentiable structural reward for the embedded world, written from its scene definitions.
+
+The world's analogue of a GenEval-style detector reward: it reads the caption ("two red squares", "a blue circle to
+the left of a green triangle") and scores whether the image holds those objects, with soft operations throughout so
+its gradient reaches every pixel. It sees everything the judge checks — colour, shape, count and relation — because
+a reward that ignores one of them is optimised along it (a probe of colour mass and centroids alone melted shapes
+into blobs while the judge fell; issue 14). It shares no code with the judge (``engine/world/judge.py``), which
+segments hard pixels into connected components; from the world it takes only the vocabulary and the renderer's
+shape masks, as a detector is trained on the shapes it must find.
+
+1. **Soft colour.** Each pixel's probability of being the background, each palette colour, or *unknown*:
+   ``softmax(−‖x − ref‖² / 2σ²)`` with the unknown class at a fixed distance ``UNKNOWN_DISTANCE`` (off-palette
+   blends and blotches belong to no colour).
+2. **Template match.** For every palette colour c, shape s and side d (7–10 px at 32 px, scaled with the image), at
+   every position: (mean probability of c inside the shape) × (mean probability of not-c in the rest of a window one
+   pixel larger on every side). 1 is a clean, isolated shape of that kind; a square scores ≈ 0.77 on a circle
+   template, a blob lower still; nothing scores 0.
+3. **Object quality** at a position: the target shape's match times its softmax share (``β``) among the three shapes'
+   matches there, so a square is no circle even where the circle template half fits.
+4. **Rules per caption.** One object: the best quality anywhere. Two objects (``and``): a soft minimum of the two
+   (both must be there). Counting N: greedy peaks with non-maximum suppression; the mean of the first N minus how far
+   an (N+1)-th exceeds ``EXTRA_THRESHOLD``. Relation: the best soft minimum over candidate pairs whose positions
+   satisfy the relation (dominant axis, past a margin).
+
+Score in about [−0.5, 1]; rendered true scenes score ≈ 0.9–1 and each category's negatives (wrong colour, shape,
+count, mirrored relation, a missing object) far lower (``tests/unit/test_world_scene.py``). λ = 1 keeps the hinge
+active everywhere (no image scores above 1), α = 0.3.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.rewards.base import RewardSpec, register
+from engine.world.scenes import BACKGROUND, COLORS, PALETTE, SHAPES, shape_mask
+
+DEFAULT_LAM = 1.0
+DEFAULT_ALPHA = 0.3
+SIGMA = 0.1  # soft-colour width in [0, 1] RGB units; the palette's closest pair is 0.5 apart
+UNKNOWN_DISTANCE = 60 / 255  # farther than this from every reference is mostly "unknown"
+BETA = 10.0  # sharpness of the shape share
+SOFTMIN_TAU = 0.1
+EXTRA_THRESHOLD = 0.5  # an (N+1)-th peak above this is penalised in counting prompts
+PAIR_CANDIDATES = 12  # peaks per object searched for a relation-consistent pair
+
+_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4}
+_RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+_BASE_SIZE, _SIDES = 32, (7, 10)
+
+
+@dataclass(frozen=True)
+class _Object:
+    color: str | None
+    shape: str
+    count: int
+
+
+@dataclass(frozen=True)
+class _Caption:
+    objects: tuple[_Object, ...]
+    relation: str | None
+    counting: bool
+
+
+@functools.lru_cache(maxsize=4096)
+def parse(prompt: str) -> _Caption:
+    """Read a world caption; a caption the world cannot write is a one-line error naming it."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    objects, count, color, relation = [], 1, None, None
+    counting = bool(words) and words[0] in _NUMBERS
+    for word in words:
+        if word in _NUMBERS:
+            count = _NUMBERS[word]
+        elif word in PALETTE:
+            color = word
+        elif word.rstrip("s") in SHAPES:
+            objects.append(_Object(color, word.rstrip("s"), count))
+            count, color = 1, None
+        elif word in _RELATIONS:
+            relation = _RELATIONS[word]
+        elif word not in ("a", "an", "and", "to", "the", "of"):
+            objects = []
+            break
+    if not 1 <= len(objects) <= 2 or (relation is not None and len(objects) != 2):
+        raise ValueError(
+            f"world_scene cannot read the prompt {prompt!r}: it scores the embedded world's captions only "
+            "(engine.world.make_prompts); use another reward for other prompts"
+        )
+    return _Caption(tuple(objects), relation, counting)
+
+
+@functools.lru_cache(maxsize=8)
+def _templates(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Inside and window kernels ``[S·D, 1, W, W]`` (shape-major), their pixel counts, the window side W, sides D."""
+    scale = size / _BASE_SIZE
+    sides = range(round(_SIDES[0] * scale), round(_SIDES[1] * scale) + 1)
+    window = sides[-1] + 2
+    inside = torch.zeros(len(SHAPES) * len(sides), 1, window, window)
+    frame = torch.zeros_like(inside)
+    for i, shape in enumerate(SHAPES):
+        for j, side in enumerate(sides):
+            k = i * len(sides) + j
+            inside[k, 0, 1 : side + 1, 1 : side + 1] = torch.from_numpy(shape_mask(shape, side)).float()
+            frame[k, 0, : side + 2, : side + 2] = 1.0
+    n_in = inside.sum((1, 2, 3))
+    n_out = frame.sum((1, 2, 3)) - n_in
+    return inside, frame, n_in, n_out, window, len(sides)
+
+
+def soft_colors(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` in [0, 1] → ``[B, 8, H, W]`` probabilities of background, the six colours, unknown."""
+    refs = torch.tensor([BACKGROUND, *PALETTE.values()], device=images.device, dtype=torch.float32) / 255.0
+    x = images.float()
+    distance2 = ((x[:, None] - refs[None, :, :, None, None]) ** 2).sum(2)  # [B, 7, H, W]
+    unknown = torch.full_like(distance2[:, :1], UNKNOWN_DISTANCE**2)
+    return torch.softmax(-torch.cat([distance2, unknown], 1) / (2 * SIGMA**2), dim=1)
+
+
+def match_maps(images: torch.Tensor) -> torch.Tensor:
+    """Template matches ``[B, colours, shapes, H, W]``: best over sides, positions = window top-left corners."""
+    batch, _, height, width = images.shape
+    inside, frame, n_in, n_out, window, n_sides = (
+        t.to(images.device) if torch.is_tensor(t) else t for t in _templates(height)
+    )
+    masks = soft_colors(images)[:, 1 : 1 + len(COLORS)]  # [B, 6, H, W]
+    padded = F.pad(masks, (0, window - 1, 0, window - 1)).reshape(batch * len(COLORS), 1, height + window - 1, -1)
+    in_sum = F.conv2d(padded, inside)  # [B·6, S·D, H, W]
+    win_sum = F.conv2d(padded, frame)
+    inside_mean = in_sum / n_in[:, None, None]
+    outside_clear = 1.0 - (win_sum - in_sum) / n_out[:, None, None]
+    match = (inside_mean * outside_clear).reshape(batch, len(COLORS), len(SHAPES), n_sides, height, width)
+    return match.amax(3)
+
+
+def quality_maps(match: torch.Tensor) -> torch.Tensor:
+    """Each shape's match times its softmax share among the shapes (the others max-pooled over 3×3 positions)."""
+    b, c, s, h, w = match.shape
+    pooled = F.max_pool2d(match.reshape(b * c, s, h, w), 3, stride=1, padding=1).reshape(b, c, s, h, w)
+    quality = []
+    for i in range(s):
+        logits = torch.cat([pooled[:, :, :i], match[:, :, i : i + 1], pooled[:, :, i + 1 :]], 2) * BETA
+        quality.append(match[:, :, i] * torch.softmax(logits, 2)[:, :, i])
+    return torch.stack(quality, 2)
+
+
+def _peaks(quality: torch.Tensor, n: int, radius: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Greedy non-maximum suppression on one ``[H, W]`` map: n values (differentiable) and their positions."""
+    blocked = torch.zeros_like(quality, dtype=torch.bool)
+    values, places = [], []
+    for _ in range(n):
+        flat = quality.masked_fill(blocked, float("-inf")).flatten()
+        index = int(flat.argmax())
+        y, x = divmod(index, quality.shape[1])
+        values.append(quality[y, x])
+        places.append((y, x))
+        blocked[max(0, y - radius + 1) : y + radius, max(0, x - radius + 1) : x + radius] = True
+    return torch.stack(values), places
+
+
+def _softmin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return -SOFTMIN_TAU * torch.logsumexp(torch.stack([-a, -b]) / SOFTMIN_TAU, 0) + SOFTMIN_TAU * torch.log(
+        torch.tensor(2.0, device=a.device)
+    )
+
+
+def _object_map(quality: torch.Tensor, obj: _Object) -> torch.Tensor:
+    """``[H, W]`` quality of ``obj`` (any colour where the caption names none)."""
+    shape = SHAPES.index(obj.shape)
+    if obj.color is None:
+        return quality[:, shape].amax(0)
+    return quality[COLORS.index(obj.color), shape]
+
+
+def _holds(a: tuple[int, int], b: tuple[int, int], relation: str, margin: float) -> bool:
+    dy, dx = a[0] - b[0], a[1] - b[1]  # +y is down
+    if relation in ("left of", "right of"):
+        along = -dx if relation == "left of" else dx
+        return along > margin and along > abs(dy)
+    along = -dy if relation == "above" else dy
+    return along > margin and along > abs(dx)
+
+
+def score_one(quality: torch.Tensor, caption: _Caption, radius: int) -> torch.Tensor:
+    """One image's score from its ``[colours, shapes, H, W]`` quality maps."""
+    maps = [_object_map(quality, obj) for obj in caption.objects]
+    if caption.relation is not None:
+        (va, pa), (vb, pb) = (_peaks(m, PAIR_CANDIDATES, radius // 2) for m in maps)
+        pairs = [
+            _softmin(va[i], vb[j])
+            for i in range(len(pa))
+            for j in range(len(pb))
+            if _holds(pa[i], pb[j], caption.relation, margin=radius / 2)
+        ]
+        return torch.stack(pairs).max() if pairs else 0.0 * (va.sum() + vb.sum())
+    scores = []
+    for obj, quality_map in zip(caption.objects, maps):
+        if caption.counting:
+            values, _ = _peaks(quality_map, obj.count + 1, radius)
+            scores.append(values[:-1].mean() - torch.relu(values[-1] - EXTRA_THRESHOLD))
+        else:
+            scores.append(quality_map.max())
+    return scores[0] if len(scores) == 1 else _softmin(*scores)
+
+
+class WorldSceneReward:
+    """The structural reward (module docstring); images ``[B, 3, H, W]`` in [0, 1], world captions."""
+
+    name = "world_scene"
+    default_lam = DEFAULT_LAM
+    default_alpha = DEFAULT_ALPHA
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"world_scene: {images.shape[0]} images for {len(prompts)} prompts")
+        captions = [parse(p) for p in prompts]
+        quality = quality_maps(match_maps(images))
+        radius = round(_SIDES[0] * images.shape[-2] / _BASE_SIZE)  # the smallest object side
+        return torch.stack([score_one(quality[b], c, radius) for b, c in enumerate(captions)]).to(images.dtype)
+
+
+register(
+    RewardSpec(
+        "world_scene",
+        lambda path, device, dtype: WorldSceneReward(),
+        needs_path=False,
+        files="nothing",
+        takes_path=False,
+    )
+)
