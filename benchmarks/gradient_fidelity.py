@@ -1,6 +1,7 @@
 """Gradient fidelity: how well each objective's gradient points along the exact full-trajectory gradient.
 
-In the embedded world (its pretrained model and ``world_clip`` reward, 32², T = 25, fp32 on CPU), for each of
+In the embedded world (its pretrained model and ``--reward``: ``world_clip`` or the structural ``world_scene``,
+32², T = 25, fp32 on CPU), for each of
 ``--batches`` batches of fine-tuning prompts (the categories mixed, fixed noise per batch):
 
 - the exact gradient: ``full_backprop`` (the hinge loss through all T Euler steps), deterministic;
@@ -11,11 +12,12 @@ average over many steps or ranks follows). The similarity weight rescales each s
 direction differs from the exact one even with exact velocities; cosines are scale-free.
 
     python benchmarks/gradient_fidelity.py --gain    # ~15 min on 2 cores; benchmarks/results/gradient_fidelity_cpu.*
+    python benchmarks/gradient_fidelity.py --reward world_scene --gain   # ..._cpu_world_scene.*
 
 ``--gain``: the *fresh-sample gain*. One step along an objective's gradient summed over n ∈ {8, 64, 256}
 training samples (new noise), normalised to max |Δθ| = ``--step`` (1e-3), then ``--fresh`` fresh images (fine-tuning
 prompts, seeds never used for training) are sampled before and after with the same noise: the paired change of
-the ``world_clip`` reward and of the exact judge's verdicts, mean ± 95% CI. A reward whose gradient is a good
+the reward and of the exact judge's verdicts, mean ± 95% CI. A reward whose gradient is a good
 guide gains on fresh samples; one that is being hacked does not.
 """
 
