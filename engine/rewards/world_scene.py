@@ -30,6 +30,7 @@ active everywhere (no image scores above 1), α = 0.3.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -125,9 +126,8 @@ def soft_colors(images: torch.Tensor) -> torch.Tensor:
 def match_maps(images: torch.Tensor) -> torch.Tensor:
     """Template matches ``[B, colours, shapes, H, W]``: best over sides, positions = window top-left corners."""
     batch, _, height, width = images.shape
-    inside, frame, n_in, n_out, window, n_sides = (
-        t.to(images.device) if torch.is_tensor(t) else t for t in _templates(height)
-    )
+    inside, frame, n_in, n_out, window, n_sides = _templates(height)
+    inside, frame, n_in, n_out = (t.to(images.device) for t in (inside, frame, n_in, n_out))
     masks = soft_colors(images)[:, 1 : 1 + len(COLORS)]  # [B, 6, H, W]
     padded = F.pad(masks, (0, window - 1, 0, window - 1)).reshape(batch * len(COLORS), 1, height + window - 1, -1)
     in_sum = F.conv2d(padded, inside)  # [B·6, S·D, H, W]
@@ -164,9 +164,7 @@ def _peaks(quality: torch.Tensor, n: int, radius: int) -> tuple[torch.Tensor, li
 
 
 def _softmin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return -SOFTMIN_TAU * torch.logsumexp(torch.stack([-a, -b]) / SOFTMIN_TAU, 0) + SOFTMIN_TAU * torch.log(
-        torch.tensor(2.0, device=a.device)
-    )
+    return -SOFTMIN_TAU * torch.logsumexp(torch.stack([-a, -b]) / SOFTMIN_TAU, 0) + SOFTMIN_TAU * math.log(2.0)
 
 
 def _object_map(quality: torch.Tensor, obj: _Object) -> torch.Tensor:

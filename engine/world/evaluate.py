@@ -52,9 +52,7 @@ def prompt_set(split: str, per_category: int, seed: int = SPLIT_SEED, cycle: boo
         if category == "colors":  # skip the captions single_object already took
             taken = {p.text for p in chosen if p.category == "single_object"}
             members = [p for p in members if p.text not in taken] or members
-        if cycle:
-            members = [members[i % len(members)] for i in range(per_category)]
-        chosen += members[:per_category]
+        chosen += [members[i % len(members)] for i in range(per_category)] if cycle else members[:per_category]
     return chosen
 
 
