@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.test_zero3_two_ranks import ds_config, free_port, run
+from tests.prompts import SMALL_PROMPTS
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "distributed" / "ema_reference_run.py"
@@ -40,6 +41,7 @@ def test_ema_export_is_the_ema_of_the_master_weights(tiny_flux_dir, tmp_path, st
         f"model.path={tiny_flux_dir}",
         "rewards.0.name=tiny_color",
         "optim.max_steps=4",
+        f"data.prompts={SMALL_PROMPTS}",
         "optim.ema_decay=0.7",
         "rollout.num_steps=4",
         "rollout.dtype=fp32",

@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.distributed.test_zero3_two_ranks import ds_config, free_port, run
+from tests.prompts import SMALL_PROMPTS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration, pytest.mark.slow]
 needs_launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
@@ -34,6 +35,7 @@ OFFLOADS = {
 def test_offloaded_runs_train_the_weights_of_the_run_without_offload(tiny_flux_dir, tmp_path):
     overrides = [
         f"model.path={tiny_flux_dir}", "rewards.0.name=tiny_color", "optim.max_steps=3", "rollout.num_steps=6",
+        f"data.prompts={SMALL_PROMPTS}",
         "rollout.dtype=fp32", "logging.progress=false", "logging.tensorboard=false",
     ]  # fmt: skip
     weights = {}

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.prompts import SMALL_PROMPTS
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
@@ -63,6 +65,7 @@ def test_two_rank_zero3_matches_one_process(tiny_flux_dir, tmp_path):
         # near zero can step either way on ~1e-7 reduction-order differences.
         "rewards.0.name=tiny_color",
         "optim.max_steps=3",
+        f"data.prompts={SMALL_PROMPTS}",
         "rollout.num_steps=6",
         "rollout.dtype=fp32",
         "logging.progress=false",

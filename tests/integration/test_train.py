@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.prompts import SMALL_PROMPTS
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "launch"))
 
@@ -46,11 +48,13 @@ def write_ds_config(
     return path
 
 
-def base_overrides(model_dir, out, steps=3, **extra):
+def base_overrides(model_dir, out, steps=3, world_prompts=False, **extra):
+    """A short tiny-model run; on eight world captions unless ``world_prompts`` (the world's default splits)."""
     overrides = {
         "model.path": str(model_dir),
         "output_dir": str(out),
         "optim.max_steps": steps,
+        **({} if world_prompts else {"data.prompts": str(SMALL_PROMPTS)}),
         "rollout.num_steps": 6,
         "rollout.dtype": "fp32",
         "logging.progress": "false",
@@ -107,7 +111,8 @@ def engine_outputs_reproduced(model_dir, out: Path, transformer) -> None:
 def test_main_trains_writes_metrics_images_checkpoint_and_export(tiny_flux_dir, tmp_path):
     ds_json = write_ds_config(tmp_path / "ds.json")
     out = tmp_path / "run"
-    assert run_main(ds_json, base_overrides(tiny_flux_dir, out, steps=3, **{"checkpoint.every": 2})) == 0
+    overrides = base_overrides(tiny_flux_dir, out, steps=3, world_prompts=True, **{"checkpoint.every": 2})
+    assert run_main(ds_json, overrides) == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward_mean", "loss", "d_j", "d_0", "w", "grad_norm", "k", "j", "time_rollout", "time_gradient"):
@@ -270,7 +275,8 @@ def test_store_built_ahead_is_reused_by_training(tiny_flux_dir, tmp_path):
     import build_embeddings
 
     cache = tmp_path / "cache"
-    common = [f"model.path={tiny_flux_dir}", f"data.embedding_cache={cache}", "logging.progress=false"]
+    common = [f"model.path={tiny_flux_dir}", f"data.embedding_cache={cache}", f"data.prompts={SMALL_PROMPTS}"]
+    common.append("logging.progress=false")
     assert build_embeddings.main([*common, f"output_dir={tmp_path / 'unused'}"]) == 0
     (store,) = cache.iterdir()
     shards = sorted(p.name for p in store.iterdir())

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prompts import SMALL_PROMPTS
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
@@ -52,6 +54,7 @@ def test_one_leapalign_step_with_each_reward(name, reward_paths, tiny_flux_dir, 
         f"model.path={tiny_flux_dir}",
         f"output_dir={out}",
         "optim.max_steps=1",
+        f"data.prompts={SMALL_PROMPTS}",
         "rollout.num_steps=4",
         f"rewards.0.name={name}",
         f"rewards.0.path={reward_paths[name]}",

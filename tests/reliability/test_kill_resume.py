@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.prompts import SMALL_PROMPTS
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -68,6 +70,7 @@ def command(ds_json: Path, model_dir, out: Path) -> list[str]:
         f"model.path={model_dir}",
         f"output_dir={out}",
         f"optim.max_steps={STEPS}",
+        f"data.prompts={SMALL_PROMPTS}",
         "rollout.num_steps=6",
         "rollout.dtype=fp32",
         "checkpoint.every=1",

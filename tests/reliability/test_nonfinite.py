@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.prompts import SMALL_PROMPTS
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
@@ -65,6 +67,7 @@ def run(tmp_path, tiny_flux_dir, out, fault, bad_calls, steps, extra=()):
         f"model.path={tiny_flux_dir}",
         f"output_dir={out}",
         f"optim.max_steps={steps}",
+        f"data.prompts={SMALL_PROMPTS}",
         "rollout.num_steps=6",
         "rollout.dtype=fp32",
         "rewards.0.name=faulty",

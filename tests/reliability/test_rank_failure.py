@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prompts import SMALL_PROMPTS
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
@@ -52,6 +54,7 @@ def test_a_dead_rank_stops_the_other_within_the_collective_timeout(tmp_path, tin
         f"model.path={tiny_flux_dir}",
         f"output_dir={tmp_path / 'run'}",
         "optim.max_steps=5",
+        f"data.prompts={SMALL_PROMPTS}",
         "rollout.num_steps=6",
         "logging.progress=false",
         "logging.tensorboard=false",
