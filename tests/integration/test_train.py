@@ -275,8 +275,10 @@ def test_store_built_ahead_is_reused_by_training(tiny_flux_dir, tmp_path):
     import build_embeddings
 
     cache = tmp_path / "cache"
-    common = [f"model.path={tiny_flux_dir}", f"data.embedding_cache={cache}", f"data.prompts={SMALL_PROMPTS}"]
-    common.append("logging.progress=false")
+    common = [
+        f"model.path={tiny_flux_dir}", f"data.embedding_cache={cache}", f"data.prompts={SMALL_PROMPTS}",
+        "logging.progress=false",
+    ]  # fmt: skip
     assert build_embeddings.main([*common, f"output_dir={tmp_path / 'unused'}"]) == 0
     (store,) = cache.iterdir()
     shards = sorted(p.name for p in store.iterdir())
