@@ -113,3 +113,38 @@ def apply_lora(
         raise ValueError(f"LoRA targets {list(targets)} matched no module of {type(model).__name__}")
     logger.info("LoRA rank %d on %d tensors", rank, len(trainable))
     return model
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def hook_free_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure that shares its parameter and buffer objects but carries no module hooks.
+
+    ZeRO-3 hangs fetch/release hooks on every submodule; with every parameter already gathered (a no-grad rollout
+    under ``GatheredParameters``) they only cost time — on a small model they triple a forward's cost. The twin
+    runs the same forward code on the same tensors (no copy: the deep copy's memo maps every parameter and buffer
+    to itself), so its outputs are bit-identical (``tests/unit/test_parallelize.py``). Use it only while the
+    parameters are gathered, and call nothing hooked in between: a hooked forward releases the parameters it used
+    when it ends (even inside ``GatheredParameters``), and nothing would gather them again for the twin.
+    """
+    import copy
+
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    twin = copy.deepcopy(module, memo)
+    for sub in twin.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(sub, name, None)
+            if hooks:
+                setattr(sub, name, type(hooks)())
+        # ZeRO-3 swaps in a parameter dict that fetches on access; the twin reads its (gathered) tensors directly.
+        sub._parameters = dict(sub._parameters)
+    return twin

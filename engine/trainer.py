@@ -32,6 +32,7 @@ from engine.metrics import MetricsLog, StepTimer, mean_over_ranks, peak_memory
 from engine.models.kinds import model_kind
 from engine.models.partitioned import fix_mmap_threshold
 from engine.objectives import Objective, StepBatch, build_objective
+from engine.parallelize import hook_free_twin
 from engine.rewards import REGISTRY
 from engine.rollout import rollout
 from engine.text_phase import encode_prompts, model_folder
@@ -312,7 +313,7 @@ class Trainer:
         cond = self.store.get(prompts).to(self.device)  # this micro-batch's rows, read from the store
         x1 = self.adapter.prepare_noise(len(prompts), height, width, seeds).to(self.device)
         grid = self.adapter.time_grid(num_steps, height, width)
-        with self._rollout_parameters():
+        with self._rollout_parameters() as transformer:
             trajectory = rollout(
                 self.adapter,
                 cond,
@@ -321,7 +322,7 @@ class Trainer:
                 guidance_scale=cfg.model.guidance_scale,
                 keep=keep,
                 dtype=self.rollout_dtype,
-                transformer=self.engine.module,
+                transformer=transformer,
                 height=height,
                 width=width,
             )
@@ -329,12 +330,14 @@ class Trainer:
 
     @contextlib.contextmanager
     def _rollout_parameters(self):
-        """ZeRO-3: gather every parameter once for the whole rollout ("once") or let each call gather ("per_call")."""
+        """The module the rollout calls. ZeRO-3: gather every parameter once for the whole rollout ("once", then a
+        hook-free twin of the module computes from the gathered tensors) or let each call gather ("per_call")."""
+        module = self.engine.module
         if self.zero_stage == 3 and self.cfg.rollout.gather_params == "once":
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
-                yield
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield hook_free_twin(module)
         else:
-            yield
+            yield module
 
     def _all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
         flag = flag.to(torch.int32).reshape(1).to(self._collective_device())
