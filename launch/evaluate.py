@@ -64,8 +64,14 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("per_category", "steps", "batch", "height", "width"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    if args.lora is not None and not _lora_files(Path(args.lora)):
+        raise ConfigError(f"--lora {args.lora} holds no LoRA weights (*.safetensors); give an export/lora[_ema] folder")
     if args.height % 16 or args.width % 16:
         raise ConfigError(f"--height/--width {args.height}x{args.width} must be multiples of 16")
+
+
+def _lora_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
 
 def _transformer_dtype(folder: Path, choice: str):
@@ -97,7 +103,11 @@ def load_adapter(args: argparse.Namespace, device):
     adapter = kind.adapter.from_pretrained(str(folder), device=device, dtype=torch.float32, transformer=transformer)
     adapter.transformer = adapter.transformer.to(device=device, dtype=dtype).eval()
     if args.lora:
-        adapter.transformer.load_lora_adapter(str(args.lora), prefix="transformer", adapter_name="evaluated")
+        lora = Path(args.lora)
+        files = _lora_files(lora)
+        # The file named, and nothing looked up online: diffusers' guess otherwise falls back to a .bin name.
+        adapter.transformer.load_lora_adapter(str(lora), prefix="transformer", adapter_name="evaluated",
+                                              weight_name=files[0].name, local_files_only=True)  # fmt: skip
     adapter.transformer.requires_grad_(False)
     return adapter, folder, dtype
 

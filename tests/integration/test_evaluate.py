@@ -62,3 +62,33 @@ def test_training_time_and_stand_alone_evaluation_agree(tmp_path):
     differences = [abs(a - b) for a, b in zip(alone["reward"], trained["reward"], strict=True)]
     assert max(differences) < 1e-3, max(differences)
     assert alone["judge"] == trained["judge"]
+
+
+def test_a_lora_export_evaluates_as_the_trainer_evaluated_it(tmp_path):
+    """``--lora export/lora``: the adapters load (from safetensors, offline) and score what the trainer's end grid
+    scored. The LoRA run's lr is high enough that one step moves the images: the base model does not agree."""
+    run_dir = tmp_path / "run"
+    config = json.loads((REPO / "configs" / "zero3.json").read_text())
+    config["optimizer"]["params"]["lr"] = 3e-2
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(config))
+    overrides = ["optim.max_steps=1", "optim.lora_rank=4", "rollout.num_steps=4", "logging.progress=false",
+                 "logging.tensorboard=false", f"output_dir={run_dir}"]  # fmt: skip
+    run([sys.executable, "launch/train.py", "--deepspeed", str(ds), *overrides])
+    trained = json.loads((run_dir / "images" / "end.json").read_text())
+    found = {}
+    # The run held its frozen base weights in bf16 (model.frozen_dtype) and trained bf16 adapters: so does this.
+    for name, extra in (("lora", ["--lora", str(run_dir / "export" / "lora")]), ("base", [])):
+        argv = [*extra, "--per-category", "8", "--steps", "4", "--precision", "bf16", "--weights-dtype", "bf16"]
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0
+        found[name] = json.loads((tmp_path / name / "evaluation.json").read_text())["reward"]
+    lora = max(abs(a - b) for a, b in zip(found["lora"], trained["reward"], strict=True))
+    base = max(abs(a - b) for a, b in zip(found["base"], trained["reward"], strict=True))
+    assert lora < 1e-3 < base, (lora, base)
+
+
+def test_a_lora_folder_without_weights_is_one_line(tmp_path, capsys):
+    (tmp_path / "lora").mkdir()
+    assert main(["--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --lora {tmp_path / 'lora'} holds no LoRA weights") and "\n" not in err
