@@ -1,29 +1,47 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
-Every method fine-tunes the embedded world's pretrained model (``engine/world/assets/model``) on the world_clip
-reward with the same budget: the same prompts and noise seeds per step, one rollout per sample per step, the same
-number of optimizer steps, the same DeepSpeed config (AdamW, lr, batch), the same prompt order. DRaFT-LV is the one
-exception by design: its re-noise loops evaluate the reward ``draft_lv_renoise`` extra times per sample (its
-paper's definition); the table says so.
+The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: provisional,
+not yet pre-registered** — the present world's judge gain is too small at a budget that fits 100 minutes
+(``results/world_optimizer_probe_cpu.md``), so the world changes before these numbers are fixed and the ranking runs:
+
+- **World and reward.** Every method fine-tunes the embedded world's pretrained model (``engine/world/assets/model``)
+  on the structural reward ``world_scene`` (λ 1, α 0.3), from the same prompts and noise seeds per step, one rollout
+  per sample per step, the same number of optimizer steps and batch. DRaFT-LV is the one exception by design: its
+  re-noise loops evaluate the reward ``renoise`` extra times per sample (its paper's definition); the table says so.
+- **Optimizer.** AdamW with eps 1e-2: with the gradient clipped to norm 1, eps is far above √v for almost every
+  coordinate, so AdamW is momentum SGD with step lr/eps (``results/world_optimizer_probe_cpu.md``: with eps 1e-8 no
+  run raised its own training reward). ZeRO-2, fp32, one process per run: parameters whole on the rank, so the
+  no-grad rollouts run without ZeRO-3's per-module hooks (a quarter faster here); ZeRO-3 computes the same
+  gradients (``tests/distributed``), and the methods, not the partitioning, are what is ranked.
+- **Data.** The world's fine-tuning split minus a validation subset (every ``VALIDATION_EVERY``-th distinct caption
+  of each category) trains; the validation captions choose the learning rate; the held-out split (colour–shape
+  pairings fine-tuning never sees) is the test, touched only for the final numbers.
+- **Learning rate.** For each objective, seed 0 runs at every lr of ``LR_GRID``; the lr whose EMA export scores
+  the best judge on the validation captions is that objective's lr for every seed. LeapAlign's ablations change one
+  component of LeapAlign at LeapAlign's lr, as the paper's ablations do.
+- **Evaluation.** Each run's EMA export (decay ``EMA_DECAY``, as the paper evaluates its EMA model) is sampled by
+  ``launch/evaluate.py`` on ``TEST_PER_CATEGORY`` × 6 held-out images (seeds 0…N−1, fp32, 25 steps) and judged;
+  the base model is evaluated once on the same images. Differences are paired: run minus base per seed, and
+  LeapAlign minus each method per seed (same training seeds and evaluation images), mean ± 95 % t-interval over
+  seeds.
 
 Methods (``METHODS``): LeapAlign (2 leaps, α = the reward's 0.3, similarity weight, anchors over the whole
-trajectory), ReFL, DRaFT-LV, DRTune, full-trajectory backprop; LeapAlign with α = 0, without the similarity weight,
-with 1 and with 3 leaps, and with anchors restricted to the later half of the trajectory (levels ≤ T/2).
+trajectory), ReFL, DRaFT-LV, DRTune, full-trajectory backprop; LeapAlign with α = 0 and α = 1, without the similarity
+weight, with 1 and with 3 leaps, with anchors restricted to the later half of the trajectory (levels ≤ T/2), and with
+a fixed leap distance (k − j = T/2, the top anchor uniform).
 
-Each run goes through the real entry point (``launch/train.py``, one process per run, ZeRO-3; ``--jobs`` runs side
-by side, each with cores / jobs threads). Every ``--eval-every``
-steps the trainer renders its default evaluation prompts (the world's held-out split: colour–shape pairings
-fine-tuning never sees, 8 per GenEval category) with fixed per-prompt seeds, scores them with the reward and
-with the exact judge (``engine/world/judge.py``, GenEval's rules). A finished run keeps its
-``summary.json``; re-running the script reuses it, so an interrupted benchmark resumes where it stopped.
+Each run goes through the real entry points (``launch/train.py``, then ``launch/evaluate.py``; one process each;
+``--jobs`` runs side by side, each with cores / jobs threads). A finished run keeps its ``summary.json``;
+re-running the script reuses it, so an interrupted benchmark resumes where it stopped.
 
-Outputs (``benchmarks/results/``): ``methods_<device>.jsonl`` (one row per run and eval step, stamped with device,
-versions and commit), ``methods_<device>.md`` (mean ± 95% CI over seeds at the last step) and
-``methods_<device>.png`` (held-out reward and judge overall against steps).
+Outputs (``benchmarks/results/``): ``methods_<tag>.jsonl`` (one row per run, stamped with device, versions and
+commit), ``methods_<tag>.md`` (protocol, lr selection, the table per category, paired differences, wall time) and
+``methods_<tag>.png`` (judge gain over the base model per method).
 
 Usage:
-    python benchmarks/methods.py                      # 10 methods × 3 seeds on CPU
-    python benchmarks/methods.py --methods leapalign refl --seeds 0 --steps 4 --eval-every 2   # smoke run
+    python benchmarks/methods.py --jobs 2             # the pre-registered benchmark on CPU
+    python benchmarks/methods.py --methods LeapAlign ReFL --seeds 0 --steps 2 --lr-grid 1e-3 \
+        --test-per-category 2 --validation-images 12 --tag smoke      # smoke run
 """
 
 from __future__ import annotations
@@ -46,12 +64,22 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, ROOT, stamp, write_jsonl  # noqa: E402
-from engine.config import MethodConfig  # noqa: E402
-from engine.data import EMBEDDED_EVAL_PER_CATEGORY  # noqa: E402
 
 logger = logging.getLogger("methods")
 
 NUM_STEPS = 25  # rollout grid (the paper's)
+PROTOCOL = {
+    "reward": "world_scene",
+    "steps": 100,
+    "batch": 8,
+    "lr_grid": [5e-4, 1e-3],
+    "eps": 1e-2,
+    "ema_decay": 0.995,
+    "seeds": [0, 1, 2],
+    "test_per_category": 100,  # 600 held-out images
+    "validation_images": 300,
+}
+VALIDATION_EVERY = 5
 METHODS: dict[str, list[str]] = {
     "LeapAlign": [],
     "ReFL": ["method.objective=refl"],
@@ -59,10 +87,12 @@ METHODS: dict[str, list[str]] = {
     "DRTune": ["method.objective=drtune"],
     "Full backprop": ["method.objective=full_backprop"],
     "LeapAlign α=0": ["method.leapalign.alpha=0"],
+    "LeapAlign α=1": ["method.leapalign.alpha=1"],
     "LeapAlign no sim. weight": ["method.leapalign.similarity_weight=false"],
     "LeapAlign 1 leap": ["method.leapalign.n_leaps=1"],
     "LeapAlign 3 leaps": ["method.leapalign.n_leaps=3"],
     "LeapAlign later half": [f"method.leapalign.max_level={NUM_STEPS // 2}"],
+    "LeapAlign fixed distance": [f"method.leapalign.fixed_distance={NUM_STEPS // 2}"],
 }
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -83,127 +113,225 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower().replace("α", "alpha")).strip("_")
 
 
-def _deepspeed_config(folder: Path, micro_batch: int, lr: float) -> Path:
-    """The benchmark's DeepSpeed JSON: configs/zero3.json with this batch and learning rate, fp32 on CPU."""
-    config = json.loads((ROOT / "configs" / "zero3.json").read_text(encoding="utf-8"))
+def objective_of(name: str) -> str:
+    """The objective whose lr a method uses: its own for the baselines, LeapAlign's for LeapAlign's ablations."""
+    for override in METHODS[name]:
+        if override.startswith("method.objective="):
+            return name
+    return "LeapAlign"
+
+
+def split_prompts(folder: Path, validation_images: int) -> tuple[Path, Path, list[str]]:
+    """The training prompt file (the fine-tuning split minus the validation captions) and the validation file
+    (those captions repeated in order up to ``validation_images`` lines: each line one image with its own seed)."""
+    from engine.data import EMBEDDED_PER_CATEGORY
+    from engine.world.evaluate import prompt_set
+
+    finetune = prompt_set("finetune", EMBEDDED_PER_CATEGORY)
+    validation: list[str] = []
+    for category in CATEGORY_ORDER:
+        captions = list(dict.fromkeys(p.text for p in finetune if p.category == category))
+        validation += [c for c in captions[::VALIDATION_EVERY] if c not in validation]
+    held = set(validation)
+    train = [p.text for p in finetune if p.text not in held]
+    train_file, validation_file = folder / "train_prompts.txt", folder / "validation_prompts.txt"
+    train_file.write_text("\n".join(train) + "\n", encoding="utf-8")
+    lines = [validation[i % len(validation)] for i in range(validation_images)]
+    validation_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return train_file, validation_file, validation
+
+
+def _deepspeed_config(folder: Path, micro_batch: int, lr: float, eps: float) -> Path:
+    """The benchmark's DeepSpeed JSON: configs/zero2.json with this batch, lr and eps; fp32 on CPU."""
+    config = json.loads((ROOT / "configs" / "zero2.json").read_text(encoding="utf-8"))
     config.pop("_comment", None)
+    config.pop("_hardware", None)
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["optimizer"]["params"]["lr"] = lr
+    config["optimizer"]["params"].update(lr=lr, eps=eps)
     if not torch.cuda.is_available():
-        # CPU: fp32 weights and rollouts, so bf16 rounding of a 1.8M-parameter model is no second source of
-        # difference between methods (bf16 forwards would be ~1.4x faster here: 29 vs 41 ms at batch 8).
+        # CPU: fp32 weights and rollouts (this CPU has no native bf16: a bf16 matmul is ~100x slower here).
         config["bf16"] = {"enabled": False}
-    path = folder / "ds_config.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ds_config_lr{lr:g}.json"
     path.write_text(json.dumps(config, indent=1), encoding="utf-8")
     return path
 
 
-def run_one(name: str, seed: int, args, ds_config: Path, threads: int) -> dict:
-    """Fine-tunes one method with one seed through launch/train.py (a child process); returns its summary.
+def _child_env(threads: int, port: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MASTER_PORT"] = str(port)
+    return env
 
-    The summary is cached on disk: a finished run with the same settings is not redone.
-    """
-    folder = args.runs / f"{_slug(name)}_seed{seed}"
+
+def evaluate(transformer: Path | None, out: Path, args, threads: int, *, prompts: Path | None = None) -> dict:
+    """``launch/evaluate.py`` on the held-out split (or ``prompts``); returns its evaluation.json's numbers."""
+    command = [sys.executable, str(ROOT / "launch" / "evaluate.py"), "--reward", args.reward, "--reward",
+               "world_clip", "--precision", "fp32", "--weights-dtype", "fp32", "--steps", str(NUM_STEPS),
+               "--out", str(out)]  # fmt: skip
+    command += ["--prompts", str(prompts)] if prompts else ["--per-category", str(args.test_per_category)]
+    if transformer is not None:
+        command += ["--transformer", str(transformer)]
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "evaluate.log").open("w") as log:
+        env = _child_env(threads, 0)
+        code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code.returncode != 0:
+        raise RuntimeError(f"launch/evaluate.py exited with {code.returncode}; see {out / 'evaluate.log'}")
+    record = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+    shutil.rmtree(out / "images", ignore_errors=True)  # one PNG per image: the grid and the JSON are kept
+    return {
+        "images": len(record["prompts"]),
+        "judge": record["judge"],
+        "reward": {name: float(np.mean(v)) for name, v in record["rewards"].items()},
+        "reward_per_category": record["reward_per_category"],
+    }
+
+
+def base_evaluation(args, threads: int, validation_file: Path) -> dict:
+    """The base model on the test images and the validation captions (once per benchmark; cached)."""
+    cached = args.runs / "base.json"
+    settings = _settings(args)
+    if cached.exists() and not args.fresh:
+        found = json.loads(cached.read_text(encoding="utf-8"))
+        if found.get("settings") == settings:
+            return found
+    found = {
+        "test": evaluate(None, args.runs / "base" / "test", args, threads),
+        "validation": evaluate(None, args.runs / "base" / "validation", args, threads, prompts=validation_file),
+        "settings": settings,
+    }
+    cached.write_text(json.dumps(found, indent=1), encoding="utf-8")
+    return found
+
+
+def run_one(
+    name: str, seed: int, lr: float, args, train_file: Path, validation_file: Path | None, threads: int
+) -> dict:
+    """Fine-tunes one method with one seed at ``lr`` through launch/train.py, then evaluates its EMA export on the
+    test images (and, for lr selection, the validation captions); returns its summary, cached on disk."""
+    folder = args.runs / f"{_slug(name)}_lr{lr:g}_seed{seed}"
     summary_file = folder / "summary.json"
+    settings = {**_settings(args), "lr": lr}
     if summary_file.exists() and not args.fresh:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        if summary.get("settings") == _settings(args):
+        if summary.get("settings") == settings and (validation_file is None or summary.get("validation")):
             return summary
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    ds_config = _deepspeed_config(args.runs / "configs", args.batch, lr, args.eps)
     overrides = [
-        f"output_dir={folder}",
+        f"output_dir={folder / 'run'}",  # the trainer's own folder: it refuses one holding files it did not write
         f"optim.seed={seed}",
         f"optim.max_steps={args.steps}",
-        "optim.ema_decay=null",
+        f"optim.ema_decay={args.ema_decay}",
+        f"rewards=[{{name: {args.reward}}}]",
+        f"data.prompts={train_file}",
         f"rollout.num_steps={NUM_STEPS}",
         f"rollout.dtype={'bf16' if torch.cuda.is_available() else 'fp32'}",
-        f"logging.image_every={args.eval_every}",
+        f"model.frozen_dtype={'bf16' if torch.cuda.is_available() else 'fp32'}",
         "logging.progress=false",
         "logging.tensorboard=false",
-        "checkpoint.export=false",
         "checkpoint.keep_last=1",
         *METHODS[name],
     ]
     # A fresh process per run: DeepSpeed keeps process-global state that a second run in one process trips over.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["MASTER_PORT"] = str(29500 + 7 * seed + list(METHODS).index(name) * 50 % 1000)
+    port = 29500 + (7 * seed + list(METHODS).index(name) * 50 + int(lr * 1e5)) % 1000
     start = time.time()
     with (folder / "train.log").open("w") as log:
         command = [sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed", str(ds_config), *overrides]
-        code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise RuntimeError(f"{name} seed {seed}: launch/train.py exited with {code}; see {folder / 'train.log'}")
-    curve = []
-    for record_file in sorted((folder / "images").glob("*.json")):
-        record = json.loads(record_file.read_text(encoding="utf-8"))
-        if record_file.stem == "end":
-            continue  # the same step as the last step_N grid
-        curve.append({"step": record["step"], "reward": float(np.mean(record["reward"])), "judge": record["judge"]})
-    curve.sort(key=lambda row: row["step"])
-    train = [json.loads(line) for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        code = subprocess.run(command, cwd=ROOT, env=_child_env(threads, port), stdout=log, stderr=subprocess.STDOUT)
+    if code.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed}: launch/train.py exited with {code.returncode}; see {folder}/train.log")
+    train_seconds = time.time() - start
+    export = folder / "run" / "export" / "transformer_ema"
     summary = {
         "method": name,
         "seed": seed,
+        "lr": lr,
         "overrides": METHODS[name],
-        "curve": curve,
-        "train_reward": [row.get("reward_mean") for row in train],
+        "test": evaluate(export, folder / "eval_test", args, threads),
+        "validation": evaluate(export, folder / "eval_validation", args, threads, prompts=validation_file)
+        if validation_file is not None
+        else None,
+        "train_reward": [json.loads(line).get("reward_mean") for line in (folder / "run" / "metrics.jsonl").open()],
+        "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - start, 1),
         "threads": threads,
-        "settings": _settings(args),
+        "settings": settings,
     }
     summary_file.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    # Keep the summary, the log and the image grids; drop the checkpoint (tens of MB per run).
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    # Keep the summary, the logs and the grids; drop the checkpoint and the exports (MBs per run).
+    shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)
+    shutil.rmtree(folder / "run" / "export", ignore_errors=True)
     return summary
 
 
 def _settings(args) -> dict:
     return {
+        "reward": args.reward,
         "steps": args.steps,
-        "eval_every": args.eval_every,
         "micro_batch": args.batch,
-        "lr": args.lr,
-        "eval_per_category": EMBEDDED_EVAL_PER_CATEGORY,
+        "eps": args.eps,
+        "ema_decay": args.ema_decay,
+        "test_per_category": args.test_per_category,
+        "validation_images": args.validation_images,
     }
 
 
-def table(summaries: list[dict], methods: list[str]) -> str:
-    """Markdown: held-out reward and judge (overall, per category) at the last step, mean ± 95% CI over seeds."""
-    base = summaries[0]["curve"][0]
-    header = ["method", "seeds", "held-out reward", "judge overall", *CATEGORY_ORDER, "train reward Δ", "train s/run"]
+def choose_lr(selection: list[dict], base: dict) -> tuple[float, list[str]]:
+    """The lr with the best validation judge (ties: the smaller lr); and the table lines that show the choice."""
+    ranked = sorted(selection, key=lambda s: (-s["validation"]["judge"]["overall"], s["lr"]))
+    lines = [
+        f"| {s['method']} | {s['lr']:g} | {s['validation']['judge']['overall'] - base['judge']['overall']:+.3f}"
+        f"{' **chosen**' if s is ranked[0] else ''} |"
+        for s in sorted(selection, key=lambda s: s["lr"])
+    ]
+    return ranked[0]["lr"], lines
+
+
+def table(summaries: list[dict], methods: list[str], base: dict) -> str:
+    """Markdown: the test judge (overall, per category) and rewards of each method's EMA export, mean ± 95 % CI over
+    seeds, with the base model's row first and each method's paired gain over it."""
+    reward = summaries[0]["settings"]["reward"] if summaries else "reward"
+    header = ["method", "lr", "seeds", "judge overall", "Δ judge vs base", *CATEGORY_ORDER, reward, "world_clip",
+              "train reward Δ", "s/run"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     cats = [c for c in CATEGORY_ORDER if c in base["judge"]]
-    base_row = ["base model (step 0)", "–", f"{base['reward']:.4f}", f"{base['judge']['overall']:.3f}"]
-    base_row += [f"{base['judge'][c]:.3f}" if c in cats else "–" for c in CATEGORY_ORDER] + ["–", "–"]
-    lines.append("| " + " | ".join(base_row) + " |")
+    base_row = ["base model", "–", "–", f"{base['judge']['overall']:.3f}", "–"]
+    base_row += [f"{base['judge'][c]:.3f}" if c in cats else "–" for c in CATEGORY_ORDER]
+    base_row += [f"{base['reward'].get(name, float('nan')):.4f}" for name in (reward, "world_clip")]
+    lines.append("| " + " | ".join(base_row + ["–", "–"]) + " |")
+
+    def cell(values, digits=3, sign=""):
+        mean, half = mean_ci95(values)
+        mark = " *" if sign and len(values) > 1 and abs(mean) > half else ""
+        return f"{mean:{sign}.{digits}f} ± {half:.{digits}f}{mark}"
+
     for name in methods:
         runs = [s for s in summaries if s["method"] == name]
         if not runs:
             continue
-        last = [r["curve"][-1] for r in runs]
-
-        def cell(values, digits=3):
-            mean, half = mean_ci95(values)
-            return f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-        row = [name, str(len(runs)), cell([x["reward"] for x in last], 4), cell([x["judge"]["overall"] for x in last])]
-        row += [cell([x["judge"][c] for x in last]) if c in cats else "–" for c in CATEGORY_ORDER]
+        tests = [r["test"] for r in runs]
+        row = [name, f"{runs[0]['lr']:g}", str(len(runs)), cell([t["judge"]["overall"] for t in tests]),
+               cell([t["judge"]["overall"] - base["judge"]["overall"] for t in tests], sign="+")]  # fmt: skip
+        row += [cell([t["judge"][c] for t in tests]) if c in cats else "–" for c in CATEGORY_ORDER]
+        row += [cell([t["reward"][reward] for t in tests], 4), cell([t["reward"]["world_clip"] for t in tests], 4)]
         # Training-prompt reward, mean of the last 10 steps minus the first 10: did the method optimise its reward?
         trained = [r["train_reward"] for r in runs if len(r.get("train_reward") or []) >= 20]
-        row.append(cell([np.mean(t[-10:]) - np.mean(t[:10]) for t in trained], 4) if trained else "–")
+        row.append(cell([np.mean(t[-10:]) - np.mean(t[:10]) for t in trained], 4, sign="+") if trained else "–")
         row.append(f"{np.mean([r['seconds'] for r in runs]):.0f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def paired_table(summaries: list[dict], methods: list[str], reference: str = "LeapAlign") -> str:
-    """Markdown: ``reference`` minus each other method, paired by seed (same prompts, noise and evaluation seeds),
-    mean ± 95% CI over seeds, at the last step; an interval that excludes 0 is marked."""
-    by_key = {(s["method"], s["seed"]): s["curve"][-1] for s in summaries}
+    """Markdown: ``reference`` minus each other method, paired by seed (same prompts, noise and evaluation images),
+    mean ± 95% CI over seeds; an interval that excludes 0 is marked."""
+    by_key = {(s["method"], s["seed"]): s["test"] for s in summaries}
+    reward = summaries[0]["settings"]["reward"] if summaries else "reward"
     lines = [
-        f"| {reference} minus | seeds | Δ held-out reward | Δ judge overall |",
+        f"| {reference} minus | seeds | Δ judge overall | Δ {reward} |",
         "|---|---|---|---|",
     ]
     for name in methods:
@@ -213,7 +341,7 @@ def paired_table(summaries: list[dict], methods: list[str], reference: str = "Le
         if not seeds:
             continue
         cells = []
-        for pick in (lambda p: p["reward"], lambda p: p["judge"]["overall"]):
+        for pick in (lambda p: p["judge"]["overall"], lambda p: p["reward"][reward]):
             mean, half = mean_ci95([pick(by_key[(reference, s)]) - pick(by_key[(name, s)]) for s in seeds])
             mark = " *" if len(seeds) > 1 and abs(mean) > half else ""
             cells.append(f"{mean:+.3f} ± {half:.3f}{mark}")
@@ -221,47 +349,59 @@ def paired_table(summaries: list[dict], methods: list[str], reference: str = "Le
     return "\n".join(lines)
 
 
-def plot(summaries: list[dict], methods: list[str], path: Path) -> None:
+def plot(summaries: list[dict], methods: list[str], base: dict, path: Path) -> None:
+    """Bars: each method's judge gain over the base model (mean ± 95 % CI over seeds, seeds as dots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for name in methods:
-        runs = [s for s in summaries if s["method"] == name]
-        if not runs:
-            continue
-        steps = [row["step"] for row in runs[0]["curve"]]
-        style = "-" if name in ("LeapAlign",) else ("--" if name.startswith("LeapAlign") else "-.")
-        width = 2.5 if name == "LeapAlign" else 1.3
-        for ax, key in zip(axes, ("reward", "judge")):
-            pick = (lambda row: row["reward"]) if key == "reward" else (lambda row: row["judge"]["overall"])
-            values = np.array([[pick(row) for row in r["curve"]] for r in runs])
-            stats = [mean_ci95(values[:, i]) for i in range(values.shape[1])]
-            mean = np.array([m for m, _ in stats])
-            half = np.array([h for _, h in stats])
-            (line,) = ax.plot(steps, mean, style, linewidth=width, label=name)
-            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.08)
-    axes[0].set_title("held-out reward (world_clip), mean ± 95% CI")
-    axes[1].set_title("judge overall (GenEval rules, held-out prompts)")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    names = [m for m in methods if any(s["method"] == m for s in summaries)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 4.8))
+    for i, name in enumerate(names):
+        gains = [s["test"]["judge"]["overall"] - base["judge"]["overall"] for s in summaries if s["method"] == name]
+        mean, half = mean_ci95(gains)
+        color = "tab:blue" if name.startswith("LeapAlign") else "tab:gray"
+        ax.bar(i, mean, yerr=half, color=color, alpha=0.8 if name == "LeapAlign" else 0.5, capsize=4)
+        ax.scatter([i] * len(gains), gains, color="black", s=10, zorder=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("held-out judge, EMA export minus base")
+    images = summaries[0]["test"]["images"] if summaries else 0
+    ax.set_title(f"judge gain over the base model ({images} held-out images; mean ± 95% CI over seeds)")
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _parallel(jobs, fn, workers: int) -> list:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        results = []
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            summary = future.result()
+            results.append(summary)
+            logger.info(
+                "[%d/%d] %s lr %g seed %d: judge %.3f, %s %.4f (%.0f s)", done, len(jobs), summary["method"],
+                summary["lr"], summary["seed"], summary["test"]["judge"]["overall"], summary["settings"]["reward"],
+                summary["test"]["reward"][summary["settings"]["reward"]], summary["seconds"],
+            )  # fmt: skip
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8, help="samples (rollouts) per step")
-    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--seeds", nargs="+", type=int, default=PROTOCOL["seeds"])
+    parser.add_argument("--steps", type=int, default=PROTOCOL["steps"], help="optimizer steps per run")
+    parser.add_argument("--batch", type=int, default=PROTOCOL["batch"], help="samples (rollouts) per step")
+    parser.add_argument("--lr-grid", nargs="+", type=float, default=PROTOCOL["lr_grid"])
+    parser.add_argument("--eps", type=float, default=PROTOCOL["eps"], help="AdamW eps")
+    parser.add_argument("--ema-decay", type=float, default=PROTOCOL["ema_decay"])
+    parser.add_argument("--reward", default=PROTOCOL["reward"])
+    parser.add_argument("--test-per-category", type=int, default=PROTOCOL["test_per_category"])
+    parser.add_argument("--validation-images", type=int, default=PROTOCOL["validation_images"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "methods", help="run folders (resumable)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default=None, help="result file suffix (default: the device type)")
@@ -271,57 +411,69 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("engine", "deepspeed", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if "LeapAlign" not in args.methods and any(objective_of(m) == "LeapAlign" for m in args.methods):
+        args.methods = ["LeapAlign", *args.methods]  # the ablations take LeapAlign's lr
 
+    started = time.time()
     args.runs.mkdir(parents=True, exist_ok=True)
-    ds_config = _deepspeed_config(args.runs, args.batch, args.lr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tag = args.tag or device.type
-
-    jobs = [(name, seed) for seed in args.seeds for name in args.methods]  # seed-major: every method gets seed 0 first
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    summaries: dict[tuple[str, int], dict] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_one, name, seed, args, ds_config, threads): (name, seed) for name, seed in jobs}
-        for future in concurrent.futures.as_completed(futures):
-            name, seed = futures[future]
-            summary = summaries[(name, seed)] = future.result()
-            last = summary["curve"][-1]
-            logger.info(
-                "[%d/%d] %s seed %d: held-out reward %.4f, judge %.3f (%.0f s)",
-                len(summaries), len(jobs), name, seed, last["reward"], last["judge"]["overall"], summary["seconds"],
-            )  # fmt: skip
-    summaries = [summaries[job] for job in jobs]
+    train_file, validation_file, validation_captions = split_prompts(args.runs, args.validation_images)
+    base = base_evaluation(args, threads, validation_file)
+
+    # 1. lr selection: seed 0 of every objective at every lr of the grid, judged on the validation captions.
+    objectives = [m for m in args.methods if objective_of(m) == m]
+    first = args.seeds[0]
+    selection = _parallel(
+        [(name, first, lr, args, train_file, validation_file, threads) for name in objectives for lr in args.lr_grid],
+        run_one, args.jobs,
+    )  # fmt: skip
+    chosen, selection_lines = {}, []
+    for name in objectives:
+        chosen[name], lines = choose_lr([s for s in selection if s["method"] == name], base["validation"])
+        selection_lines += lines
+    # 2. Every method at its objective's lr, every seed (the selection runs at the chosen lr are reused as seed 0).
+    jobs = [(name, seed, chosen[objective_of(name)], args, train_file, None, threads)
+            for seed in args.seeds for name in args.methods]  # fmt: skip
+    done = {(s["method"], s["seed"], s["lr"]): s for s in selection}
+    todo = [job for job in jobs if (job[0], job[1], job[2]) not in done]
+    for summary in _parallel(todo, run_one, args.jobs):
+        done[(summary["method"], summary["seed"], summary["lr"])] = summary
+    summaries = [done[(name, seed, lr)] for name, seed, lr, *_ in jobs]
+    wall = time.time() - started
 
     env = stamp(device)
-    rows = [
-        {"method": s["method"], "seed": s["seed"], **point, "seconds": s["seconds"], **s["settings"], **env}
-        for s in summaries
-        for point in s["curve"]
-    ]
+    rows = [{k: v for k, v in s.items() if k != "train_reward"} | env for s in selection + summaries]
     write_jsonl(args.out / f"methods_{tag}.jsonl", rows)
-    settings = _settings(args)
+    images = 6 * args.test_per_category
     header = (
         f"# Methods in the embedded world ({env['device']}, torch {env['torch']}, deepspeed {env['deepspeed']}, "
         f"commit {str(env['commit'])[:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']})\n\n"
-        f"Each method fine-tunes the embedded world's base model on `world_clip` for {settings['steps']} steps of "
-        f"{settings['micro_batch']} rollouts (T = {NUM_STEPS}, lr {settings['lr']}, ZeRO-3, 1 process), seeds "
-        f"{args.seeds}; values at the last step on {6 * settings['eval_per_category']} held-out prompts "
-        f"({settings['eval_per_category']} per GenEval category, pairings never seen in fine-tuning), mean ± 95% CI "
-        f"(Student t) over seeds. DRaFT-LV evaluates the reward {1 + MethodConfig().draft_lv_renoise} times per sample "
-        "(its re-noise loops); every "
-        "other method once.\n\n"
+        f"Protocol (`benchmarks/methods.py`, fixed before the ranking ran): each method fine-tunes the world's base "
+        f"model on `{args.reward}` for {args.steps} steps of {args.batch} rollouts (T = {NUM_STEPS}, AdamW eps "
+        f"{args.eps:g}, ZeRO-2, fp32, 1 process per run, {threads} thread(s), {args.jobs} runs side by side) on the "
+        f"fine-tuning split minus {len(validation_captions)} validation captions; seeds {args.seeds}. The lr of each "
+        f"objective is the best of {args.lr_grid} by the validation judge of seed {first} "
+        f"({args.validation_images} images); LeapAlign's ablations use LeapAlign's. Every number is the EMA export's "
+        f"(decay {args.ema_decay}) on {images} held-out images (seeds 0…{images - 1}, pairings fine-tuning never "
+        "sees), judged by the exact judge (GenEval's rules); mean ± 95 % t-interval over seeds; * = the interval "
+        "excludes 0. DRaFT-LV evaluates the reward 3 times per sample (its re-noise loops); every other method "
+        f"once. Whole benchmark: {wall / 60:.1f} min wall.\n\n"
+        "## Learning-rate selection (validation captions, judge gain over the base model, seed "
+        f"{first})\n\n| objective | lr | Δ validation judge |\n|---|---|---|\n" + "\n".join(selection_lines) + "\n\n"
+        "## Held-out test\n\n"
     )
     paired = ""
     if "LeapAlign" in args.methods and len(args.seeds) > 1:
         paired = (
-            "\n\nPaired by seed (every method of a seed saw the same prompts, noise and evaluation seeds), LeapAlign "
-            "minus each other method at the last step, mean ± 95% CI; * = the interval excludes 0.\n\n"
-            + paired_table(summaries, args.methods)
+            "\n\n## Paired by seed\n\nEvery method of a seed saw the same prompts, noise and evaluation images; "
+            "LeapAlign minus each other method, mean ± 95 % CI over seeds.\n\n" + paired_table(summaries, args.methods)
         )
-    report = header + table(summaries, args.methods) + paired + "\n"
+    report = header + table(summaries, args.methods, base["test"]) + paired + "\n"
     (args.out / f"methods_{tag}.md").write_text(report, encoding="utf-8")
-    plot(summaries, args.methods, args.out / f"methods_{tag}.png")
-    logger.info("wrote %s", args.out / f"methods_{tag}.md")
+    plot(summaries, args.methods, base["test"], args.out / f"methods_{tag}.png")
+    logger.info("wrote %s (%.1f min)", args.out / f"methods_{tag}.md", wall / 60)
     print(report)
     return 0
 

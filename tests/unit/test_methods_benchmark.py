@@ -1,4 +1,4 @@
-"""benchmarks/methods.py's statistics and report (the runs themselves are the benchmark, not a test)."""
+"""benchmarks/methods.py's protocol pieces, statistics and report (the runs are the benchmark, not a test)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from benchmarks.methods import METHODS, mean_ci95, paired_table, table
+from benchmarks.methods import METHODS, choose_lr, mean_ci95, objective_of, paired_table, split_prompts, table
 
 
 def test_mean_ci95_is_the_student_t_interval():
@@ -17,30 +17,48 @@ def test_mean_ci95_is_the_student_t_interval():
     assert mean_ci95([0.2] * 4)[1] == 0.0
 
 
-def _summary(method, seed, reward, overall):
-    judge = {"overall": overall, "position": overall / 2}
+def _evaluation(overall, reward=0.3):
+    return {"images": 12, "judge": {"overall": overall, "position": overall / 2},
+            "reward": {"world_scene": reward, "world_clip": 0.7}}  # fmt: skip
+
+
+def _summary(method, seed, reward, overall, lr=1e-3):
     return {
         "method": method,
         "seed": seed,
+        "lr": lr,
         "seconds": 10.0,
-        "curve": [{"step": 0, "reward": 0.1, "judge": {"overall": 0.3, "position": 0.1}},
-                  {"step": 5, "reward": reward, "judge": judge}],
-    }  # fmt: skip
+        "test": _evaluation(overall, reward),
+        "settings": {"reward": "world_scene"},
+    }
 
 
-def test_table_reports_base_row_and_each_method_over_seeds():
+def test_table_reports_base_row_and_each_methods_gain_over_seeds():
     summaries = [_summary("LeapAlign", s, 0.2 + 0.01 * s, 0.5) for s in range(3)]
-    summaries += [_summary("ReFL", s, 0.15, 0.4) for s in range(3)]
-    text = table(summaries, ["LeapAlign", "ReFL", "DRTune"]).splitlines()
-    assert text[2].startswith("| base model (step 0) | – | 0.1000 | 0.300 |")
-    assert text[3].startswith("| LeapAlign | 3 | 0.2100 ± 0.0248 | 0.500 ± 0.000 |")
-    assert text[4].startswith("| ReFL | 3 | 0.1500 ± 0.0000 | 0.400 ± 0.000 |")
+    summaries += [_summary("ReFL", s, 0.15, 0.4 + 0.01 * s, lr=5e-4) for s in range(3)]
+    text = table(summaries, ["LeapAlign", "ReFL", "DRTune"], _evaluation(0.3, 0.1)).splitlines()
+    assert text[2].startswith("| base model | – | – | 0.300 | – |")
+    assert text[3].startswith("| LeapAlign | 0.001 | 3 | 0.500 ± 0.000 | +0.200 ± 0.000 * |")
+    assert text[4].startswith("| ReFL | 0.0005 | 3 | 0.410 ± 0.025 | +0.110 ± 0.025 * |")
+    assert "| 0.2100 ± 0.0248 |" in text[3]  # the reward column, over seeds
     assert len(text) == 5  # DRTune has no runs: no row
 
 
-def test_every_method_names_a_distinct_configuration():
+def test_every_method_names_a_distinct_configuration_with_the_papers_ablations():
     assert len({tuple(v) for v in METHODS.values()}) == len(METHODS)
     assert {"LeapAlign", "ReFL", "DRaFT-LV", "DRTune", "Full backprop"} <= set(METHODS)
+    overrides = {o for v in METHODS.values() for o in v}
+    for needed in ("method.leapalign.alpha=0", "method.leapalign.alpha=1", "method.leapalign.similarity_weight=false",
+                   "method.leapalign.n_leaps=1", "method.leapalign.n_leaps=3"):  # fmt: skip
+        assert needed in overrides
+    assert any(o.startswith("method.leapalign.max_level=") for o in overrides)
+    assert any(o.startswith("method.leapalign.fixed_distance=") for o in overrides)
+
+
+def test_ablations_take_leapaligns_lr_and_baselines_their_own():
+    assert objective_of("LeapAlign α=1") == "LeapAlign"
+    assert objective_of("LeapAlign fixed distance") == "LeapAlign"
+    assert objective_of("ReFL") == "ReFL"
 
 
 def test_paired_table_differences_by_seed():
@@ -48,5 +66,28 @@ def test_paired_table_differences_by_seed():
     summaries += [_summary("ReFL", s, 0.20 + 0.1 * s, 0.5) for s in range(3)]  # 0.1 below on every seed
     summaries += [_summary("DRTune", 0, 0.1, 0.4)]  # one shared seed: no interval, no mark
     rows = paired_table(summaries, ["LeapAlign", "ReFL", "DRTune"]).splitlines()
-    assert rows[2] == "| ReFL | 3 | +0.100 ± 0.000 * | +0.000 ± 0.000 |"
-    assert rows[3] == "| DRTune | 1 | +0.200 ± 0.000 | +0.100 ± 0.000 |"
+    assert rows[2] == "| ReFL | 3 | +0.000 ± 0.000 | +0.100 ± 0.000 * |"
+    assert rows[3] == "| DRTune | 1 | +0.100 ± 0.000 | +0.200 ± 0.000 |"
+
+
+def test_lr_is_chosen_by_the_validation_judge_never_the_test():
+    selection = [
+        {"method": "ReFL", "lr": 5e-4, "validation": _evaluation(0.45), "test": _evaluation(0.9)},
+        {"method": "ReFL", "lr": 1e-3, "validation": _evaluation(0.50), "test": _evaluation(0.1)},
+    ]
+    lr, lines = choose_lr(selection, _evaluation(0.40))
+    assert lr == 1e-3
+    assert lines == ["| ReFL | 0.0005 | +0.050 |", "| ReFL | 0.001 | +0.100 **chosen** |"]
+
+
+def test_validation_captions_come_from_the_fine_tuning_split_and_never_train(tmp_path):
+    from engine.world.evaluate import prompt_set
+
+    train_file, validation_file, captions = split_prompts(tmp_path, 100)
+    train = set(train_file.read_text().split("\n")) - {""}
+    validation_lines = [line for line in validation_file.read_text().split("\n") if line]
+    finetune = {p.text for p in prompt_set("finetune", 40)}
+    heldout = {p.text for p in prompt_set("heldout", 50, cycle=True)}
+    assert len(validation_lines) == 100 and set(validation_lines) == set(captions)
+    assert set(captions) <= finetune and not set(captions) & train and not set(captions) & heldout
+    assert train <= finetune and len(train) > 2 * len(captions)
