@@ -185,6 +185,7 @@ def evaluate(transformer: Path | None, out: Path, args, threads: int, *, prompts
         "judge": record["judge"],
         "reward": {name: float(np.mean(v)) for name, v in record["rewards"].items()},
         "reward_per_category": record["reward_per_category"],
+        "reward_vs_judge": record.get("reward_vs_judge", {}),  # AUC: does the reward still follow the judge?
     }
 
 
@@ -295,12 +296,13 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
     seeds, with the base model's row first and each method's paired gain over it."""
     reward = summaries[0]["settings"]["reward"] if summaries else "reward"
     header = ["method", "lr", "seeds", "judge overall", "Δ judge vs base", *CATEGORY_ORDER, reward, "world_clip",
-              "train reward Δ", "s/run"]  # fmt: skip
+              f"{reward} AUC vs judge", "train reward Δ", "s/run"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     cats = [c for c in CATEGORY_ORDER if c in base["judge"]]
     base_row = ["base model", "–", "–", f"{base['judge']['overall']:.3f}", "–"]
     base_row += [f"{base['judge'][c]:.3f}" if c in cats else "–" for c in CATEGORY_ORDER]
     base_row += [f"{base['reward'].get(name, float('nan')):.4f}" for name in (reward, "world_clip")]
+    base_row.append(_auc(base, reward))
     lines.append("| " + " | ".join(base_row + ["–", "–"]) + " |")
 
     def cell(values, digits=3, sign=""):
@@ -317,12 +319,19 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
                cell([t["judge"]["overall"] - base["judge"]["overall"] for t in tests], sign="+")]  # fmt: skip
         row += [cell([t["judge"][c] for t in tests]) if c in cats else "–" for c in CATEGORY_ORDER]
         row += [cell([t["reward"][reward] for t in tests], 4), cell([t["reward"]["world_clip"] for t in tests], 4)]
+        aucs = [t.get("reward_vs_judge", {}).get(reward, {}).get("auc") for t in tests]
+        row.append(cell(aucs) if None not in aucs else "–")  # falling: optimisation left the judge behind
         # Training-prompt reward, mean of the last 10 steps minus the first 10: did the method optimise its reward?
         trained = [r["train_reward"] for r in runs if len(r.get("train_reward") or []) >= 20]
         row.append(cell([np.mean(t[-10:]) - np.mean(t[:10]) for t in trained], 4, sign="+") if trained else "–")
         row.append(f"{np.mean([r['seconds'] for r in runs]):.0f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _auc(evaluation: dict, reward: str) -> str:
+    auc = evaluation.get("reward_vs_judge", {}).get(reward, {}).get("auc")
+    return "–" if auc is None else f"{auc:.3f}"
 
 
 def paired_table(summaries: list[dict], methods: list[str], reference: str = "LeapAlign") -> str:

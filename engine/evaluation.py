@@ -31,9 +31,9 @@ def world_specs(prompts: Sequence) -> list | None:
     return None if any(spec is None for spec in specs) else specs
 
 
-def judge(images: torch.Tensor, prompts: Sequence) -> tuple[dict[str, float], list[bool]] | None:
-    """The embedded world's exact judge (GenEval's rules): ``({"overall", <category>: accuracy}, per-image verdicts)``
-    when every prompt is a world prompt, else None."""
+def judge(images: torch.Tensor, prompts: Sequence) -> tuple[dict[str, float], list[bool], list[str]] | None:
+    """The embedded world's exact judge (GenEval's rules): ``({"overall", <category>: accuracy}, per-image verdicts,
+    per-image reasons ("" when correct))`` when every prompt is a world prompt, else None."""
     from engine.world.judge import evaluate
 
     specs = world_specs(prompts)
@@ -41,7 +41,22 @@ def judge(images: torch.Tensor, prompts: Sequence) -> tuple[dict[str, float], li
         return None
     result = evaluate(images.float().cpu(), specs)
     report = {k: round(float(v), 4) for k, v in {"overall": result.overall, **result.per_category}.items()}
-    return report, [bool(j.correct) for j in result.judgements]
+    return report, [bool(j.correct) for j in result.judgements], [j.reason for j in result.judgements]
+
+
+def agreement(scores: Sequence[float], correct: Sequence[bool]) -> dict[str, float | int | None]:
+    """How well a reward separates the judge's accepted from its rejected images: ROC AUC (ties count half) and the
+    mean reward of each group. Optimising a reward that the judge does not follow shows here first: the rejected
+    images' reward rises, the AUC falls (issue 14's proxy–gold gap). AUC is None while one group is empty."""
+    scores, correct = np.asarray(scores, dtype=np.float64), np.asarray(correct, dtype=bool)
+    accepted, rejected = scores[correct], scores[~correct]
+    auc = None
+    if len(accepted) and len(rejected):  # the probability that an accepted image outscores a rejected one
+        above = (accepted[:, None] > rejected[None, :]).mean() + 0.5 * (accepted[:, None] == rejected[None, :]).mean()
+        auc = round(float(above), 4)
+    mean = lambda x: round(float(x.mean()), 4) if len(x) else None  # noqa: E731
+    return {"auc": auc, "mean_if_correct": mean(accepted), "mean_if_wrong": mean(rejected),
+            "n_correct": int(len(accepted)), "n_wrong": int(len(rejected))}  # fmt: skip
 
 
 def write_evaluation(
@@ -68,8 +83,9 @@ def write_evaluation(
 
     Returns:
         The JSON record written: ``prompts``, the ``record`` entries, ``reward`` (the first reward per image), and
-        for world prompts ``judge`` (accuracy per category and overall), ``correct`` (per image) and
-        ``reward_per_category``; with several rewards, ``rewards`` (name → per image) too.
+        for world prompts ``judge`` (accuracy per category and overall), ``correct`` and ``reasons`` (per image),
+        ``reward_per_category`` and ``reward_vs_judge`` (per reward, ``agreement``); with several rewards,
+        ``rewards`` (name → per image) too.
     """
     from engine.images import save_grid
 
@@ -84,7 +100,8 @@ def write_evaluation(
     if len(per_image) > 1:
         out["rewards"] = per_image
     if judged is not None:
-        out["judge"], out["correct"] = judged
+        out["judge"], out["correct"], out["reasons"] = judged
+        out["reward_vs_judge"] = {name: agreement(values, out["correct"]) for name, values in per_image.items()}
         categories = [spec.category for spec in world_specs(specs or prompts)]
         out["reward_per_category"] = {
             c: round(float(np.mean([s for s, k in zip(scores, categories) if k == c])), 4)
@@ -92,6 +109,10 @@ def write_evaluation(
         }
         summary = ", ".join(f"{k} {v:.2f}" for k, v in out["judge"].items())
         logger.info("judge (%s, %d prompts): %s", path.stem, len(prompts), summary)
+        for name, agree in out["reward_vs_judge"].items():
+            if agree["auc"] is not None:
+                logger.info("%s vs judge: AUC %.3f, mean %.3f accepted / %.3f rejected", name, agree["auc"],
+                            agree["mean_if_correct"], agree["mean_if_wrong"])  # fmt: skip
     json_path = Path(json_path) if json_path is not None else path.with_suffix(".json")
     tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(out, indent=1))

@@ -8,7 +8,9 @@ on a prompt file or a split of the embedded world, scored by every reward given 
 
 Writes ``<out>/images/NNNN.png`` (one per prompt), ``<out>/grid.png`` (every caption whole, each world image marked
 with the judge's verdict beside its reward) and ``<out>/evaluation.json``: per image (prompt, seed, every reward,
-the verdict), per category (judge accuracy, mean reward) and the settings (precision, batch, steps, seeds, weights).
+the verdict and its reason), per category (judge accuracy, mean reward), each reward's agreement with the judge
+(``reward_vs_judge``: AUC, mean reward of accepted and rejected images) and the settings (precision, batch, steps,
+seeds, weights).
 With the same prompts, seeds, steps, precision and weights, it scores exactly what the trainer's grids score.
 """
 

@@ -17,30 +17,32 @@ def test_mean_ci95_is_the_student_t_interval():
     assert mean_ci95([0.2] * 4)[1] == 0.0
 
 
-def _evaluation(overall, reward=0.3):
+def _evaluation(overall, reward=0.3, auc=0.8):
     return {"images": 12, "judge": {"overall": overall, "position": overall / 2},
-            "reward": {"world_scene": reward, "world_clip": 0.7}}  # fmt: skip
+            "reward": {"world_scene": reward, "world_clip": 0.7},
+            "reward_vs_judge": {"world_scene": {"auc": auc}}}  # fmt: skip
 
 
-def _summary(method, seed, reward, overall, lr=1e-3):
+def _summary(method, seed, reward, overall, lr=1e-3, auc=0.8):
     return {
         "method": method,
         "seed": seed,
         "lr": lr,
         "seconds": 10.0,
-        "test": _evaluation(overall, reward),
+        "test": _evaluation(overall, reward, auc),
         "settings": {"reward": "world_scene"},
     }
 
 
 def test_table_reports_base_row_and_each_methods_gain_over_seeds():
     summaries = [_summary("LeapAlign", s, 0.2 + 0.01 * s, 0.5) for s in range(3)]
-    summaries += [_summary("ReFL", s, 0.15, 0.4 + 0.01 * s, lr=5e-4) for s in range(3)]
-    text = table(summaries, ["LeapAlign", "ReFL", "DRTune"], _evaluation(0.3, 0.1)).splitlines()
+    summaries += [_summary("ReFL", s, 0.15, 0.4 + 0.01 * s, lr=5e-4, auc=0.7) for s in range(3)]
+    text = table(summaries, ["LeapAlign", "ReFL", "DRTune"], _evaluation(0.3, 0.1, auc=0.87)).splitlines()
     assert text[2].startswith("| base model | – | – | 0.300 | – |")
     assert text[3].startswith("| LeapAlign | 0.001 | 3 | 0.500 ± 0.000 | +0.200 ± 0.000 * |")
     assert text[4].startswith("| ReFL | 0.0005 | 3 | 0.410 ± 0.025 | +0.110 ± 0.025 * |")
     assert "| 0.2100 ± 0.0248 |" in text[3]  # the reward column, over seeds
+    assert "| 0.7000 | 0.870 |" in text[2] and "| 0.700 ± 0.000 |" in text[4]  # world_clip, then the reward's AUC
     assert len(text) == 5  # DRTune has no runs: no row
 
 

@@ -1,0 +1,54 @@
+"""The evaluator's JSON: the judge's reason per image and each reward's agreement with the judge (issue 14)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.evaluation import agreement, write_evaluation
+from engine.rewards.world_scene import WorldSceneReward
+from engine.world.evaluate import prompt_set
+from engine.world.scenes import mirror, render
+
+
+def test_agreement_is_the_probability_that_an_accepted_image_outscores_a_rejected_one():
+    assert agreement([0.9, 0.8, 0.1, 0.2], [True, True, False, False])["auc"] == 1.0
+    assert agreement([0.1, 0.2, 0.9, 0.8], [True, True, False, False])["auc"] == 0.0
+    assert agreement([0.5, 0.5, 0.5], [True, False, False])["auc"] == 0.5  # ties count half
+    # 0.6 and 0.3 each beat 0.2 and neither beats 0.7: 2 of 4 pairs.
+    mixed = agreement([0.6, 0.3, 0.7, 0.2], [True, True, False, False])
+    assert mixed == {"auc": 0.5, "mean_if_correct": 0.45, "mean_if_wrong": 0.45, "n_correct": 2, "n_wrong": 2}
+    assert agreement([0.6, 0.3, 0.2, 0.1], [True, True, False, False])["auc"] == 1.0
+    assert agreement([0.6, 0.3, 0.25, 0.1], [True, True, True, False])["auc"] == 1.0
+    assert agreement([0.1, 0.4, 0.2], [True, False, True])["auc"] == 0.0
+    assert agreement([0.3, 0.1], [True, True]) == {"auc": None, "mean_if_correct": 0.2, "mean_if_wrong": None,
+                                                    "n_correct": 2, "n_wrong": 0}  # fmt: skip
+
+
+def test_the_json_gives_each_verdicts_reason_and_the_rewards_agreement_with_the_judge(tmp_path):
+    """True scenes of position prompts and their mirrored scenes: the judge accepts the first and says why it
+    rejects the second; world_scene separates them, and the JSON reports that separation."""
+    prompts = prompt_set("heldout", 4)
+    prompts = [p for p in prompts if p.category == "position"]
+    assert len(prompts) == 4
+    rng = np.random.default_rng(0)
+    true = [render(p.spec, rng) for p in prompts]
+    wrong = [render(mirror(p.spec), rng) for p in prompts]
+    images = torch.from_numpy(np.stack(true + wrong)).permute(0, 3, 1, 2).float() / 255
+    texts = [p.text for p in prompts] * 2
+    rewards = WorldSceneReward()(images, texts)
+
+    record = write_evaluation(tmp_path / "grid.png", images, texts, {"world_scene": rewards}, specs=prompts * 2)
+
+    assert record == json.loads((tmp_path / "grid.json").read_text())
+    assert record["correct"] == [True] * 4 + [False] * 4
+    assert record["reasons"][:4] == [""] * 4
+    for prompt, reason in zip(prompts, record["reasons"][4:]):
+        assert reason.startswith("expected ") and prompt.spec.relation in reason, reason
+    agree = record["reward_vs_judge"]["world_scene"]
+    assert agree["auc"] == 1.0
+    assert agree["mean_if_correct"] == pytest.approx(float(rewards[:4].mean()), abs=1e-4)
+    assert agree["mean_if_wrong"] == pytest.approx(float(rewards[4:].mean()), abs=1e-4)
