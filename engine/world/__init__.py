@@ -1,6 +1,11 @@
-"""The embedded world: procedural flat-colour scenes with GenEval-style prompts, and an exact judge for them."""
+"""The embedded world: procedural flat-colour scenes with GenEval-style prompts, and an exact judge for them.
 
-from engine.world.judge import Evaluation, Judgement, evaluate, judge, segment
+The judge's batch scoring is ``engine.world.judge.evaluate``: it is not re-exported here, because the package's
+attribute ``evaluate`` is the submodule ``engine.world.evaluate`` (prompt sets and sampling) as soon as anything
+imports that, and a re-export would silently turn into a module.
+"""
+
+from engine.world.judge import Evaluation, Judgement, judge, segment
 from engine.world.scenes import (
     CATEGORIES,
     COLORS,
@@ -26,7 +31,6 @@ __all__ = [
     "Prompt",
     "PromptSplit",
     "SceneSpec",
-    "evaluate",
     "judge",
     "make_prompts",
     "render",

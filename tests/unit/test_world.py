@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.world import CATEGORIES, COLORS, SHAPES, Prompt, evaluate, judge, make_prompts, render, sample_dataset
-from engine.world.judge import relations, segment
+from engine.world import CATEGORIES, COLORS, SHAPES, Prompt, judge, make_prompts, render, sample_dataset
+from engine.world.judge import evaluate, relations, segment
 from engine.world.scenes import BACKGROUND, PALETTE, ObjectSpec, SceneSpec, all_prompts, mirror
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,3 +211,16 @@ def test_judge_shares_no_code_with_rewards():
             imported,
         )
         assert not any("rewards" in m for m in imported), (name, imported)
+
+
+def test_the_packages_names_stay_what_they_are_whatever_is_imported_first():
+    """Importing a submodule binds its name on the package; a re-export of the same name would become a module."""
+    import importlib
+    import pkgutil
+
+    import engine.world
+
+    for info in pkgutil.iter_modules(engine.world.__path__):
+        importlib.import_module(f"engine.world.{info.name}")
+    for name in engine.world.__all__:
+        assert not isinstance(getattr(engine.world, name), type(engine.world)), name
