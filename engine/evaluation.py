@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,17 +32,29 @@ def world_specs(prompts: Sequence) -> list | None:
     return None if any(spec is None for spec in specs) else specs
 
 
-def judge(images: torch.Tensor, prompts: Sequence) -> tuple[dict[str, float], list[bool], list[str]] | None:
+def judge(
+    images: torch.Tensor, prompts: Sequence
+) -> tuple[dict[str, float], list[bool], list[str], dict[str, int]] | None:
     """The embedded world's exact judge (GenEval's rules): ``({"overall", <category>: accuracy}, per-image verdicts,
-    per-image reasons ("" when correct))`` when every prompt is a world prompt, else None."""
-    from engine.world.judge import evaluate
+    per-image reasons ("" when correct), what became of the prompts' objects)`` when every prompt is a world prompt,
+    else None. The last counts every object of every prompt as ``found``, ``<shape> drawn as <other>`` or
+    ``colour absent``, most frequent first: where a model fails, in one line."""
+    from engine.world.judge import evaluate, object_outcome
 
     specs = world_specs(prompts)
     if specs is None:
         return None
     result = evaluate(images.float().cpu(), specs)
     report = {k: round(float(v), 4) for k, v in {"overall": result.overall, **result.per_category}.items()}
-    return report, [bool(j.correct) for j in result.judgements], [j.reason for j in result.judgements]
+    outcomes = Counter(
+        object_outcome(j.segmentation, obj) for j, spec in zip(result.judgements, specs) for obj in spec.spec.objects
+    )
+    return (
+        report,
+        [bool(j.correct) for j in result.judgements],
+        [j.reason for j in result.judgements],
+        dict(outcomes.most_common()),
+    )
 
 
 def agreement(scores: Sequence[float], correct: Sequence[bool]) -> dict[str, float | int | None]:
@@ -84,8 +97,8 @@ def write_evaluation(
     Returns:
         The JSON record written: ``prompts``, the ``record`` entries, ``reward`` (the first reward per image), and
         for world prompts ``judge`` (accuracy per category and overall), ``correct`` and ``reasons`` (per image),
-        ``reward_per_category`` and ``reward_vs_judge`` (per reward, ``agreement``); with several rewards,
-        ``rewards`` (name → per image) too.
+        ``objects`` (what became of the prompts' objects, counted), ``reward_per_category`` and ``reward_vs_judge``
+        (per reward, ``agreement``); with several rewards, ``rewards`` (name → per image) too.
     """
     from engine.images import save_grid
 
@@ -100,7 +113,7 @@ def write_evaluation(
     if len(per_image) > 1:
         out["rewards"] = per_image
     if judged is not None:
-        out["judge"], out["correct"], out["reasons"] = judged
+        out["judge"], out["correct"], out["reasons"], out["objects"] = judged
         out["reward_vs_judge"] = {name: agreement(values, out["correct"]) for name, values in per_image.items()}
         categories = [spec.category for spec in world_specs(specs or prompts)]
         out["reward_per_category"] = {
@@ -109,6 +122,7 @@ def write_evaluation(
         }
         summary = ", ".join(f"{k} {v:.2f}" for k, v in out["judge"].items())
         logger.info("judge (%s, %d prompts): %s", path.stem, len(prompts), summary)
+        logger.info("objects: %s", ", ".join(f"{k} {v}" for k, v in out["objects"].items()))
         for name, agree in out["reward_vs_judge"].items():
             if agree["auc"] is not None:
                 logger.info("%s vs judge: AUC %.3f, mean %.3f accepted / %.3f rejected", name, agree["auc"],

@@ -265,6 +265,18 @@ def judge(image: Any, prompt: Prompt, **segment_kwargs: Any) -> Judgement:
     return Judgement(not reasons, prompt.category, "; ".join(reasons), segmentation)
 
 
+def object_outcome(segmentation: Segmentation, obj: ObjectSpec) -> str:
+    """What became of one object of the prompt: ``found``, ``<shape> drawn as <other shape>`` (its colour is there,
+    but its box fill ratio reads as another shape), or ``colour absent`` (nothing of its colour, or of any colour
+    where the prompt names none)."""
+    same_colour = [d for d in segmentation.detections if obj.color is None or d.color == obj.color]
+    if any(d.shape == obj.shape for d in same_colour):
+        return "found"
+    if same_colour:
+        return f"{obj.shape} drawn as {max(same_colour, key=lambda d: d.area).shape}"
+    return "colour absent"
+
+
 def evaluate(images: Any, prompts: Sequence[Prompt], **segment_kwargs: Any) -> Evaluation:
     """Judge a batch and aggregate as GenEval does.
 

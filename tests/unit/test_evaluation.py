@@ -52,3 +52,23 @@ def test_the_json_gives_each_verdicts_reason_and_the_rewards_agreement_with_the_
     assert agree["auc"] == 1.0
     assert agree["mean_if_correct"] == pytest.approx(float(rewards[:4].mean()), abs=1e-4)
     assert agree["mean_if_wrong"] == pytest.approx(float(rewards[4:].mean()), abs=1e-4)
+
+
+def test_the_json_counts_what_became_of_each_object(tmp_path):
+    """A true scene, the same scene with its object's shape swapped, and with its colour swapped: found, drawn as
+    another shape, colour absent — counted over the prompts' objects."""
+    from dataclasses import replace
+
+    from engine.world.scenes import SceneSpec
+
+    prompt = next(p for p in prompt_set("heldout", 4) if p.category == "single_object")
+    (obj,) = prompt.spec.objects
+    other_shape = next(s for s in ("circle", "square", "triangle") if s != obj.shape)
+    other_color = next(c for c in ("red", "green", "blue", "yellow") if c != obj.color)
+    rng = np.random.default_rng(0)
+    scenes = [prompt.spec, SceneSpec((replace(obj, shape=other_shape),)), SceneSpec((replace(obj, color=other_color),))]
+    images = torch.from_numpy(np.stack([render(s, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+
+    record = write_evaluation(tmp_path / "grid.png", images, [prompt.text] * 3, torch.zeros(3))
+
+    assert record["objects"] == {"found": 1, f"{obj.shape} drawn as {other_shape}": 1, "colour absent": 1}
