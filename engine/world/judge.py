@@ -269,9 +269,9 @@ def object_outcome(segmentation: Segmentation, obj: ObjectSpec) -> str:
     """What became of one object of the prompt: ``found``, ``<shape> drawn as <other shape>`` (its colour is there,
     but its box fill ratio reads as another shape), or ``colour absent`` (nothing of its colour, or of any colour
     where the prompt names none)."""
-    same_colour = [d for d in segmentation.detections if obj.color is None or d.color == obj.color]
-    if any(d.shape == obj.shape for d in same_colour):
+    if _matches(segmentation, obj):
         return "found"
+    same_colour = [d for d in segmentation.detections if obj.color is None or d.color == obj.color]
     if same_colour:
         return f"{obj.shape} drawn as {max(same_colour, key=lambda d: d.area).shape}"
     return "colour absent"

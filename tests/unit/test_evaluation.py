@@ -59,12 +59,12 @@ def test_the_json_counts_what_became_of_each_object(tmp_path):
     another shape, colour absent — counted over the prompts' objects."""
     from dataclasses import replace
 
-    from engine.world.scenes import SceneSpec
+    from engine.world.scenes import COLORS, SHAPES, SceneSpec
 
     prompt = next(p for p in prompt_set("heldout", 4) if p.category == "single_object")
     (obj,) = prompt.spec.objects
-    other_shape = next(s for s in ("circle", "square", "triangle") if s != obj.shape)
-    other_color = next(c for c in ("red", "green", "blue", "yellow") if c != obj.color)
+    other_shape = next(s for s in SHAPES if s != obj.shape)
+    other_color = next(c for c in COLORS if c != obj.color)
     rng = np.random.default_rng(0)
     scenes = [prompt.spec, SceneSpec((replace(obj, shape=other_shape),)), SceneSpec((replace(obj, color=other_color),))]
     images = torch.from_numpy(np.stack([render(s, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 255
