@@ -77,13 +77,19 @@ def main(argv=None) -> int:
         args.output_dir / "images" / "end.png",
         (title("start"), title("end")),
         args.out / f"default_run_{tag}.png",
+        scale=0.5 if len(records["start"]["prompts"]) > 48 else 1.0,  # 300 images: keep the PNG a few MB at most
     )
+    count = len(records["start"]["prompts"])
+    per_category = count // len(CATEGORY_ORDER)
+    change = np.asarray(records["end"]["correct"], float) - np.asarray(records["start"]["correct"], float)
+    half_width = 1.96 * change.std(ddof=1) / np.sqrt(count)
     lines = [
         f"# The README's main command ({env['device']}, torch {env['torch']}, deepspeed {env['deepspeed']}, "
         f"commit {str(env['commit'])[:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']})",
         "",
         f"`{' '.join(command[:4])}`: {len(metrics)} steps in {seconds:.0f} s wall (launcher, loading and both "
-        "evaluations included). Held-out prompts (8 per category, pairings never seen in fine-tuning), fixed seeds.",
+        f"evaluations included). {count} held-out prompts ({per_category} per category, pairings never seen in "
+        "fine-tuning), fixed seeds, the same at start and end. One training seed: a demonstration, not a ranking.",
         "",
         "| | judge overall | " + " | ".join(CATEGORY_ORDER) + " | held-out reward |",
         "|---|" + "---|" * (len(CATEGORY_ORDER) + 2),
@@ -93,8 +99,14 @@ def main(argv=None) -> int:
         cells = [f"{judge.get(c, float('nan')):.3f}" for c in CATEGORY_ORDER]
         reward = np.mean(records[name]["reward"])
         lines.append(f"| {name} | {judge['overall']:.3f} | " + " | ".join(cells) + f" | {reward:.4f} |")
+    found = {name: records[name]["objects"].get("found", 0) for name in ("start", "end")}
+    total = {name: sum(records[name]["objects"].values()) for name in ("start", "end")}
     first, last = metrics[:5], metrics[-5:]
     lines += [
+        "",
+        f"Judge change, paired over the {count} images: **{change.mean():+.3f} ± {half_width:.3f}** (95 % normal "
+        f"interval); {int((change > 0).sum())} images turned ✓, {int((change < 0).sum())} turned ✗. Objects of the "
+        f"prompts found: {found['start']} → {found['end']} of {total['start']}.",
         "",
         f"Training reward (`reward_mean`): {np.mean([m['reward_mean'] for m in first]):.3f} over the first 5 steps, "
         f"{np.mean([m['reward_mean'] for m in last]):.3f} over the last 5.",

@@ -19,7 +19,6 @@ import torch
 # the fine-tuning split (every category, no held-out colour-shape pairing); evaluation images and the judge's
 # start/end scores use the held-out split, whose pairings fine-tuning never sees.
 EMBEDDED_PER_CATEGORY = 40
-EMBEDDED_EVAL_PER_CATEGORY = 8
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +30,12 @@ def embedded_prompts() -> list[str]:
     return [p.text for p in prompt_set("finetune", EMBEDDED_PER_CATEGORY)]
 
 
-def embedded_eval_specs():
-    """The default evaluation prompts, 8 per category of the world's held-out split (48), as world ``Prompt``s:
-    caption, GenEval category and spec, for the judge."""
+def embedded_eval_specs(per_category: int):
+    """The default evaluation prompts, ``per_category`` of each category of the world's held-out split (the
+    default 50: 300), as world ``Prompt``s: caption, GenEval category and spec, for the judge."""
     from engine.world.evaluate import prompt_set
 
-    return prompt_set("heldout", EMBEDDED_EVAL_PER_CATEGORY, cycle=True)
+    return prompt_set("heldout", per_category, cycle=True)
 
 
 def read_prompts(path: str, field: str = "data.prompts") -> list[str]:
@@ -78,7 +77,7 @@ def run_prompts(data) -> tuple[list[str], list[str], list | None]:
     eval_prompts = read_prompts(data.eval_prompts, "data.eval_prompts") if data.eval_prompts else None
     specs = None
     if eval_prompts is None and data.prompts is None:
-        specs = embedded_eval_specs()
+        specs = embedded_eval_specs(data.eval_per_category)
         eval_prompts = [p.text for p in specs]
     elif eval_prompts is None:
         eval_prompts = prompts[:4]

@@ -50,17 +50,18 @@ def save_grid(
     path: str | Path,
     cell: int = 128,
     verdicts: Sequence[bool | None] | None = None,
-    columns: int = 4,
+    columns: int | None = None,
 ) -> Path:
     """Tile ``images`` ``[B, 3, H, W]`` in [0, 1] into a captioned grid PNG, each image upscaled to ``cell`` px.
 
     Every caption is written whole, wrapped at spaces under its image. ``verdicts`` (the judge's, one per image;
-    None for none) are drawn as a green check or a red cross in each image's corner.
+    None for none) are drawn as a green check or a red cross in each image's corner. ``columns`` defaults to
+    ⌈√count⌉ (at least 4), so that a 300-image evaluation is a near-square sheet, not a 75-row strip.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = images.shape[0]
-    columns = min(count, columns)
+    columns = min(count, columns or max(4, math.ceil(math.sqrt(count))))
     rows = math.ceil(count / columns)
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

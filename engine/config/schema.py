@@ -109,6 +109,9 @@ class DataConfig(Section):
         None, "training prompts, a text file with one prompt a line; null = the world's fine-tuning prompts"
     )
     eval_prompts: str | None = setting(None, "evaluation prompts, same format; null = the world's held-out prompts")
+    eval_per_category: int = setting(
+        50, "with eval_prompts null: the world's held-out prompts judged per GenEval category at start and end (×6)"
+    )
     shuffle: bool = setting(True, "shuffle the training prompts each epoch")
     embedding_cache: str | None = setting(
         None, "folder of the prompt-embedding store (reused across runs); null = <output_dir>/embeddings"
@@ -119,6 +122,7 @@ class DataConfig(Section):
             value = getattr(self, name)
             if value is not None and not value.strip():
                 fail(self._name(name), value, "is empty; give a text file or null for the embedded list")
+        self._positive("eval_per_category")
 
 
 @dataclass

@@ -48,7 +48,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
 def test_training_time_and_stand_alone_evaluation_agree(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["optim.max_steps=1", "rollout.num_steps=4", "logging.progress=false", "logging.tensorboard=false",
-                 f"output_dir={run_dir}"]  # fmt: skip
+                 f"output_dir={run_dir}", "data.eval_per_category=8"]  # fmt: skip
     run([sys.executable, "launch/train.py", "--deepspeed", str(REPO / "configs" / "zero3.json"), *overrides])
     trained = json.loads((run_dir / "images" / "end.json").read_text())
     out = tmp_path / "eval"

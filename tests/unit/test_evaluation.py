@@ -72,3 +72,29 @@ def test_the_json_counts_what_became_of_each_object(tmp_path):
     record = write_evaluation(tmp_path / "grid.png", images, [prompt.text] * 3, torch.zeros(3))
 
     assert record["objects"] == {"found": 1, f"{obj.shape} drawn as {other_shape}": 1, "colour absent": 1}
+
+
+def test_the_default_run_judges_data_eval_per_category_held_out_prompts_of_every_category():
+    from collections import Counter
+
+    from engine.config import DataConfig
+    from engine.data import run_prompts
+    from engine.world.scenes import make_prompts
+
+    held_out = {p.text for p in make_prompts().heldout}
+    _, texts, specs = run_prompts(DataConfig())
+    assert len(texts) == 300 and [p.text for p in specs] == texts  # the default: 50 per category
+    assert Counter(p.category for p in specs) == {c: 50 for c in Counter(p.category for p in specs)}
+    assert len(Counter(p.category for p in specs)) == 6 and set(texts) <= held_out
+    _, texts, specs = run_prompts(DataConfig(eval_per_category=3))
+    assert len(texts) == len(specs) == 18
+
+
+def test_a_large_grid_is_a_near_square_sheet(tmp_path):
+    from PIL import Image
+
+    from engine.images import save_grid
+
+    save_grid(torch.rand(300, 3, 8, 8), ["a red circle"] * 300, tmp_path / "grid.png", cell=64)
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert width == 18 * 64 and 0.5 < width / height < 2  # ⌈√300⌉ = 18 columns, not a 75-row strip of 4
