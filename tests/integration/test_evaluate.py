@@ -73,7 +73,7 @@ def test_a_lora_export_evaluates_as_the_trainer_evaluated_it(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(config))
     overrides = ["optim.max_steps=1", "optim.lora_rank=4", "rollout.num_steps=4", "logging.progress=false",
-                 "logging.tensorboard=false", f"output_dir={run_dir}"]  # fmt: skip
+                 "logging.tensorboard=false", f"output_dir={run_dir}", "data.eval_per_category=8"]  # fmt: skip
     run([sys.executable, "launch/train.py", "--deepspeed", str(ds), *overrides])
     trained = json.loads((run_dir / "images" / "end.json").read_text())
     found = {}
