@@ -14,7 +14,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch", "launch.*"]),
+    packages=find_packages(include=["engine", "engine.*", "leap_kernels", "leap_kernels.*", "launch", "launch.*"]),
     # The embedded world's pretrained weights (a few MB) ship with the package: the default run needs no download.
     package_data={"engine": ["calibration.json"], "engine.world": ["assets/*", "assets/*/*", "assets/*/*/*"]},
     install_requires=[

@@ -92,8 +92,8 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_threads(device, args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    from kernels import leap_connector
-    from kernels.reference import connector_forward_reference
+    from leap_kernels import leap_connector
+    from leap_kernels.reference import connector_forward_reference
 
     header = stamp(device)
     rows = []

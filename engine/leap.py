@@ -12,7 +12,7 @@ The paper's two-step leap (Liang et al., CVPR 2026, Eq. 4-9) from rollout latent
     x_0     = x̂_{0|j} + sg(x_0 - x̂_{0|j})                latent connector
 
 :func:`leap_path` builds the same chain through any number of anchors (1, 2 or 3 leaps), with the connectors
-computed by the fused kernel :func:`kernels.leap_connector` (exact values: the connected latent *is* the rollout
+computed by the fused kernel :func:`leap_kernels.leap_connector` (exact values: the connected latent *is* the rollout
 latent bit for bit, which ``x̂ + (x - x̂).detach()`` is not in floating point).
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import leap_kernels
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``velocity(x, t) -> v``: x ``[B, ...]`` latents, t ``[B]`` float per-sample times; v has x's shape."""
@@ -77,7 +77,7 @@ def leap_path(
     times: Sequence[TimeLike],
     alpha: float = 1.0,
     *,
-    backend: kernels.dispatch.Backend = "auto",
+    backend: leap_kernels.dispatch.Backend = "auto",
 ) -> LeapPath:
     """Build a leap trajectory through rollout anchors (LeapAlign, Eq. 4-9, generalised to n leaps).
 
@@ -89,7 +89,7 @@ def leap_path(
             per-sample tensors; any grid works (FLUX's shifted schedule included).
         alpha: gradient discount α ∈ [0, 1] on every leap after the first: its velocity sees
             ``α·x + (1-α)·sg(x)``. α=1 is plain backprop through the leaps, α=0 drops the nested terms.
-        backend: connector kernel backend, see :mod:`kernels.dispatch`.
+        backend: connector kernel backend, see :mod:`leap_kernels.dispatch`.
 
     Returns:
         :class:`LeapPath` with ``x0`` equal in value to ``latents[-1]`` (cast to the leap dtype) and the
@@ -126,7 +126,7 @@ def leap_path(
         prediction = x - _broadcast(t_prev - t_next, v) * v  # x̂ = x_prev - (t_prev - t_next)·v
         target = latents[i + 1].detach().to(device=prediction.device, dtype=prediction.dtype)
         last = i == n_leaps - 1
-        x, velocity_input, distance = kernels.leap_connector(
+        x, velocity_input, distance = leap_kernels.leap_connector(
             prediction, target, alpha, with_velocity_input=not last, backend=backend
         )
         predictions.append(prediction)
@@ -139,7 +139,7 @@ def leap_path(
 
 def similarity_weight(distances: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
     """Trajectory-similarity weight ``sg(1 / Σ_i max(d_i, τ))`` per sample ``[B]`` (Eq. 12-13, fused kernel)."""
-    return kernels.similarity_weight(distances, tau)
+    return leap_kernels.similarity_weight(distances, tau)
 
 
 def hinge(reward: torch.Tensor, lam: float) -> torch.Tensor:

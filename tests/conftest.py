@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 Triton kernels run on CPU through Triton's interpreter. The flag is read when a ``@triton.jit`` function is
-created, so it must be in the environment before ``kernels`` is first imported: set it here, at the top of the
+created, so it must be in the environment before ``leap_kernels`` is first imported: set it here, at the top of the
 root conftest, which pytest imports before any test module.
 """
 

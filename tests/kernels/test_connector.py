@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.connector as connector
-from kernels import leap_connector, similarity_weight
-from kernels.dispatch import is_interpreted
-from kernels.reference import connector_forward_reference, similarity_weight_reference
+import leap_kernels.connector as connector
+from leap_kernels import leap_connector, similarity_weight
+from leap_kernels.dispatch import is_interpreted
+from leap_kernels.reference import connector_forward_reference, similarity_weight_reference
 
 # dtype -> (rtol, atol) for values that are computed (not copied). The backward kernel adds in float32 and rounds
 # once; the reference rounds α·g to the dtype, then the sum: up to one ulp apart (bf16 ulp = 2^-8 relative).

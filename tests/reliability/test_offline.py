@@ -54,7 +54,7 @@ def test_training_step_runs_with_the_network_blocked(tmp_path):
 
 
 def library_sources():
-    for folder in ("engine", "kernels", "launch"):
+    for folder in ("engine", "leap_kernels", "launch"):
         yield from (REPO / folder).rglob("*.py")
 
 

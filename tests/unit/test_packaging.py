@@ -103,3 +103,27 @@ def test_strip_machine_paths(tmp_path):
     strip_machine_paths(tmp_path)
     assert json.loads((tmp_path / "sub" / "config.json").read_text()) == {"a": 1}
     assert json.loads((tmp_path / "config.json").read_text())["_name_or_path"] == "org/model"  # a hub id is kept
+
+
+def test_no_top_level_package_of_ours_shadows_an_installed_distribution():
+    """Our import names are ours alone: transformers ≥ 5.25 depends on Hugging Face's ``kernels`` package, and a
+    top-level ``kernels`` of ours shadowed it (transformers failed to import from the repo root) or was shadowed by
+    it (the engine failed to import anywhere else)."""
+    from importlib.metadata import packages_distributions
+
+    from setuptools import find_packages
+
+    ours = {name for name in find_packages(str(REPO), include=["*"]) if "." not in name and name != "tests"}
+    installed = packages_distributions()
+    clashes = {name: installed[name] for name in ours if set(installed.get(name, [])) - {"leapalign-engine"}}
+    assert not clashes, f"top-level packages of ours that installed distributions also provide: {clashes}"
+
+
+def test_transformers_and_the_kernels_import_side_by_side_from_the_repo_root():
+    code = (
+        "import leap_kernels, engine.leap, transformers.integrations.hub_kernels, diffusers\n"
+        "from diffusers import AutoencoderKL\n"
+        "assert leap_kernels.__file__.startswith(%r), leap_kernels.__file__\n" % str(REPO)
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

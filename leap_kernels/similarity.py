@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import Backend, use_triton
-from kernels.reference import similarity_weight_reference
+from leap_kernels.dispatch import Backend, use_triton
+from leap_kernels.reference import similarity_weight_reference
 
 try:
     import triton
@@ -38,7 +38,7 @@ else:  # pragma: no cover
 
 
 def similarity_weight_triton(distances: torch.Tensor, tau: float) -> torch.Tensor:
-    """Launch the kernel; same contract as :func:`kernels.reference.similarity_weight_reference`."""
+    """Launch the kernel; same contract as :func:`leap_kernels.reference.similarity_weight_reference`."""
     distances = distances.detach().contiguous()
     batch, leaps = distances.shape
     weight = torch.empty(batch, device=distances.device, dtype=torch.float32)
@@ -57,7 +57,7 @@ def similarity_weight(distances: torch.Tensor, tau: float = 0.1, *, backend: Bac
     Args:
         distances: ``[B, n_leaps]`` per-sample mean ``|x - x̂|`` at each connection point.
         tau: clamp τ > 0 (paper: 0.1) so that near-identical leaps do not get unbounded weight.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``kernels.dispatch``).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``leap_kernels.dispatch``).
 
     Returns:
         ``[B]`` float32 weights ``1 / Σ_i max(d_i, τ)``.

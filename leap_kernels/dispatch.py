@@ -1,8 +1,8 @@
 """Where the Triton kernels can run, and the choice between them and the PyTorch references.
 
 Triton runs on CUDA tensors, and on CPU tensors only in Triton's interpreter (``TRITON_INTERPRET=1`` in the
-environment before ``kernels`` is imported: Triton reads it when a ``@triton.jit`` function is created).
-Everywhere else the reference in ``kernels/reference.py`` runs. Asking for ``backend="triton"`` where it
+environment before ``leap_kernels`` is imported: Triton reads it when a ``@triton.jit`` function is created).
+Everywhere else the reference in ``leap_kernels/reference.py`` runs. Asking for ``backend="triton"`` where it
 cannot run is an error, never a silent fallback.
 """
 
@@ -46,7 +46,7 @@ def use_triton(backend: Backend, kernel, *tensors: torch.Tensor) -> bool:
     elif all(t.device.type == "cpu" for t in tensors):
         if is_interpreted(kernel):
             return True
-        reason = "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing kernels"
+        reason = "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing leap_kernels"
     else:
         reason = f"tensors on {sorted({str(t.device) for t in tensors})}: Triton needs CUDA (or CPU in interpreter)"
     if backend == "triton":

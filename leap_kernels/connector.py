@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import Backend, use_triton
-from kernels.reference import connector_backward_reference, connector_forward_reference
+from leap_kernels.dispatch import Backend, use_triton
+from leap_kernels.reference import connector_backward_reference, connector_forward_reference
 
 try:
     import triton
@@ -87,7 +87,7 @@ else:  # pragma: no cover
 def connector_forward_triton(
     prediction: torch.Tensor, target: torch.Tensor, with_velocity_input: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Launch the forward kernel; same contract as :func:`kernels.reference.connector_forward_reference`."""
+    """Launch the forward kernel; same contract as :func:`leap_kernels.reference.connector_forward_reference`."""
     batch = target.shape[0]
     prediction_2d = prediction.detach().reshape(batch, -1).contiguous()
     target_2d = target.detach().reshape(batch, -1).contiguous()
