@@ -3,7 +3,7 @@ rectified flow on the scenes, and a tiny open_clip CLIP reward trained contrasti
 
     python -m engine.world.build vae      # ~6 min on 2 CPU cores
     python -m engine.world.build model    # ~13 min: text encoders + transformer, 2600 steps (needs the VAE)
-    python -m engine.world.build model --resume --steps 3400   # ~20 min: run 3 times (rounds 2–4)
+    python -m engine.world.build model --resume --steps 3400   # ~20 min: run 4 times (rounds 2–5)
     python -m engine.world.build reward   # ~5 min: the CLIP reward
     python -m engine.world.build all
 
