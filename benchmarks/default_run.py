@@ -27,20 +27,40 @@ from benchmarks.common import RESULTS, ROOT, stamp  # noqa: E402
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
-def side_by_side(before: Path, after: Path, titles: tuple[str, str], path: Path, scale: float = 1.0) -> Path:
-    """Two grids next to each other under their titles, downscaled by ``scale`` (nearest: pixels stay crisp)."""
-    images = [Image.open(before).convert("RGB"), Image.open(after).convert("RGB")]
-    width, height = images[0].size
-    width, height = int(width * scale), int(height * scale)
-    header, gap = 18, 16
-    canvas = Image.new("RGB", (2 * width + gap, height + header), "white")
+def verdict_changes(folder: Path, records: dict, path: Path, heading: str, pairs_per_row: int = 4) -> tuple[int, int]:
+    """Every held-out image whose judge verdict changed between the start and end grids, as before | after pairs cut
+    from the trainer's own grid PNGs (whole captions, reward and ✓/✗ as drawn there): the images that turned ✓
+    first, then those that turned ✗. Returns the two counts."""
+    from engine.evaluation import grid_captions
+    from engine.images import grid_layout
+
+    grids = {tag: Image.open(folder / f"{tag}.png").convert("RGB") for tag in ("start", "end")}
+    layouts = {tag: grid_layout(grid_captions(r["prompts"], r["reward"])) for tag, r in records.items()}
+    before, after = records["start"]["correct"], records["end"]["correct"]
+    gained = [i for i, (b, a) in enumerate(zip(before, after)) if a and not b]
+    lost = [i for i, (b, a) in enumerate(zip(before, after)) if b and not a]
+    tile_w = layouts["start"].cell
+    tile_h = max(layout.box(0)[3] - layout.box(0)[1] for layout in layouts.values())
+    pair_w, gap, header = 2 * tile_w + 4, 16, 20
+    # Plain ASCII titles: PIL's default font has no check marks or arrows.
+    sections = [(f"judged wrong before training, right after: {len(gained)} images (before | after)", gained),
+                (f"judged right before training, wrong after: {len(lost)} images (before | after)", lost)]  # fmt: skip
+    height = header + sum(header + max(1, -(-len(items) // pairs_per_row)) * (tile_h + 6) for _, items in sections)
+    canvas = Image.new("RGB", (pairs_per_row * (pair_w + gap), height), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (image, title) in enumerate(zip(images, titles)):
-        x = i * (width + gap)
-        canvas.paste(image.resize((width, height), Image.NEAREST), (x, header))
-        draw.text((x + 2, 3), title, fill="black")
+    draw.text((4, 4), heading, fill="black")
+    y = header
+    for title, items in sections:
+        draw.text((4, y + 4), title, fill="black")
+        y += header
+        for n, index in enumerate(items):
+            x, row = (n % pairs_per_row) * (pair_w + gap), y + (n // pairs_per_row) * (tile_h + 6)
+            for k, tag in enumerate(("start", "end")):
+                canvas.paste(grids[tag].crop(layouts[tag].box(index)), (x + k * (tile_w + 4), row))
+            draw.line((x + tile_w + 2, row, x + tile_w + 2, row + tile_h), fill="gray")
+        y += max(1, -(-len(items) // pairs_per_row)) * (tile_h + 6)
     canvas.save(path)
-    return path
+    return len(gained), len(lost)
 
 
 def main(argv=None) -> int:
@@ -71,18 +91,14 @@ def main(argv=None) -> int:
             f"reward {np.mean(record['reward']):.3f}"
         )
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    side_by_side(
-        args.output_dir / "images" / "start.png",
-        args.output_dir / "images" / "end.png",
-        (title("start"), title("end")),
-        args.out / f"default_run_{tag}.png",
-        scale=0.5 if len(records["start"]["prompts"]) > 48 else 1.0,  # 300 images: keep the PNG a few MB at most
-    )
     count = len(records["start"]["prompts"])
     per_category = count // len(CATEGORY_ORDER)
     change = np.asarray(records["end"]["correct"], float) - np.asarray(records["start"]["correct"], float)
     half_width = 1.96 * change.std(ddof=1) / np.sqrt(count)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # The full 300-image grids stay in the run folder; the figure shows what changed, readable at full scale.
+    heading = f"{title('start')} | {title('end')} | paired {change.mean():+.3f} ± {half_width:.3f} ({count} images)"
+    verdict_changes(args.output_dir / "images", records, args.out / f"default_run_{tag}.png", heading)
     lines = [
         f"# The README's main command ({env['device']}, torch {env['torch']}, deepspeed {env['deepspeed']}, "
         f"commit {str(env['commit'])[:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']})",

@@ -72,6 +72,11 @@ def agreement(scores: Sequence[float], correct: Sequence[bool]) -> dict[str, flo
             "n_correct": int(len(accepted)), "n_wrong": int(len(rejected))}  # fmt: skip
 
 
+def grid_captions(prompts: Sequence[str], scores: Sequence[float]) -> list[str]:
+    """Each grid image's caption: the whole prompt and its (first) reward."""
+    return [f"{p} ({s:.3f})" for p, s in zip(prompts, scores)]
+
+
 def write_evaluation(
     path: Path,
     images: torch.Tensor,
@@ -108,7 +113,7 @@ def write_evaluation(
     scores = next(iter(per_image.values()))
     judged = judge(images, specs or prompts)
     verdicts = judged[1] if judged is not None else None
-    save_grid(images.float().cpu(), [f"{p} ({s:.3f})" for p, s in zip(prompts, scores)], path, verdicts=verdicts)
+    save_grid(images.float().cpu(), grid_captions(prompts, scores), path, verdicts=verdicts)
     out = {"prompts": list(prompts), **(record or {}), "reward": scores}
     if len(per_image) > 1:
         out["rewards"] = per_image

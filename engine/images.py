@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +45,32 @@ def _mark(draw: ImageDraw.ImageDraw, x: int, y: int, correct: bool, size: int = 
         draw.line((x + inset, y + size - inset, x + size - inset, y + inset), fill=(200, 0, 0), width=2)
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """Where :func:`save_grid` puts each image and its caption: ``columns`` per row, each tile ``cell`` px square
+    over ``caption_height`` px of wrapped caption lines."""
+
+    columns: int
+    cell: int
+    caption_height: int
+    wrapped: list[list[str]]
+
+    def box(self, index: int) -> tuple[int, int, int, int]:
+        """``(left, top, right, bottom)`` of tile ``index`` with its caption, in the grid's pixels."""
+        x, y = (index % self.columns) * self.cell, (index // self.columns) * (self.cell + self.caption_height)
+        return x, y, x + self.cell, y + self.cell + self.caption_height
+
+
+def grid_layout(captions: Sequence[str], cell: int = 128, columns: int | None = None) -> GridLayout:
+    """The layout :func:`save_grid` draws ``captions`` in (so a reader can cut one tile out of a saved grid)."""
+    count = len(captions)
+    columns = min(count, columns or max(4, math.ceil(math.sqrt(count))))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = ImageFont.load_default()
+    wrapped = [wrap(text, cell - 4, probe, font) for text in captions]
+    return GridLayout(columns, cell, LINE_HEIGHT * max(len(lines) for lines in wrapped) + 4, wrapped)
+
+
 def save_grid(
     images: torch.Tensor,
     captions: Sequence[str],
@@ -61,17 +88,15 @@ def save_grid(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = images.shape[0]
-    columns = min(count, columns or max(4, math.ceil(math.sqrt(count))))
-    rows = math.ceil(count / columns)
     font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [wrap(text, cell - 4, probe, font) for text in captions]
-    caption_height = LINE_HEIGHT * max(len(lines) for lines in wrapped) + 4
+    layout = grid_layout(captions, cell, columns)
+    wrapped, columns, caption_height = layout.wrapped, layout.columns, layout.caption_height
+    rows = math.ceil(count / columns)
     grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
     draw = ImageDraw.Draw(grid)
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(count):
-        x, y = (i % columns) * cell, (i // columns) * (cell + caption_height)
+        x, y, *_ = layout.box(i)
         tile = Image.fromarray(pixels[i]).resize((cell, cell), Image.NEAREST)
         grid.paste(tile, (x, y))
         for line_index, line in enumerate(wrapped[i]):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.evaluation import agreement, write_evaluation
+from engine.evaluation import agreement, grid_captions, write_evaluation
 from engine.rewards.world_scene import WorldSceneReward
 from engine.world.evaluate import prompt_set
 from engine.world.scenes import mirror, render
@@ -98,3 +98,45 @@ def test_a_large_grid_is_a_near_square_sheet(tmp_path):
     save_grid(torch.rand(300, 3, 8, 8), ["a red circle"] * 300, tmp_path / "grid.png", cell=64)
     width, height = Image.open(tmp_path / "grid.png").size
     assert width == 18 * 64 and 0.5 < width / height < 2  # ⌈√300⌉ = 18 columns, not a 75-row strip of 4
+
+
+def test_a_tile_cut_from_a_saved_grid_by_its_layout_is_that_image(tmp_path):
+    from PIL import Image
+
+    from engine.images import grid_layout, save_grid
+
+    colours = torch.rand(7, 3, 1, 1)
+    captions = [f"image {i} " + "with a long caption " * (i % 3) for i in range(7)]  # rows of differing height
+    save_grid(colours.expand(7, 3, 8, 8), captions, tmp_path / "grid.png", cell=32)
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    layout = grid_layout(captions, cell=32)
+    for i in range(7):
+        tile = np.asarray(grid.crop(layout.box(i)))
+        expected = (colours[i, :, 0, 0] * 255).round().numpy()
+        assert np.abs(tile[4, 4].astype(float) - expected).max() <= 1, i  # the image's own colour, not a neighbour's
+        assert (tile[-3:] == 255).any()  # the tile reaches down into its caption, white background
+
+
+def test_the_default_runs_figure_shows_every_image_whose_verdict_changed(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from engine.images import save_grid
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks.default_run import verdict_changes
+
+    prompts = ["a red circle", "two blue squares", "a green triangle above a red circle", "a yellow square"] * 3
+    records = {}
+    for tag, correct in (("start", [False, True, False] * 4), ("end", [True, True, False, False] * 3)):
+        reward = np.linspace(0.1, 0.9, len(prompts)).tolist()
+        save_grid(torch.rand(len(prompts), 3, 8, 8), grid_captions(prompts, reward), tmp_path / f"{tag}.png",
+                  verdicts=correct)  # fmt: skip
+        records[tag] = {"prompts": prompts, "reward": reward, "correct": correct}
+    gained, lost = verdict_changes(tmp_path, records, tmp_path / "changes.png", "heading")
+    before, after = records["start"]["correct"], records["end"]["correct"]
+    assert gained == sum(a and not b for b, a in zip(before, after)) > 0
+    assert lost == sum(b and not a for b, a in zip(before, after)) > 0
+    assert Image.open(tmp_path / "changes.png").size[0] == 4 * (2 * 128 + 4 + 16)  # four before|after pairs a row
