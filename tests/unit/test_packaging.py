@@ -123,7 +123,7 @@ def test_transformers_and_the_kernels_import_side_by_side_from_the_repo_root():
     code = (
         "import leap_kernels, engine.leap, transformers.integrations.hub_kernels, diffusers\n"
         "from diffusers import AutoencoderKL\n"
-        "assert leap_kernels.__file__.startswith(%r), leap_kernels.__file__\n" % str(REPO)
+        f"assert leap_kernels.__file__.startswith({str(REPO)!r}), leap_kernels.__file__\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
