@@ -3,7 +3,7 @@
 # benchmarks/results/gpu/ with device, versions and commit (stamp.json, and in every JSONL row):
 #
 #   1. pytest -m gpu                          the CUDA tests (compiled Triton kernels, pinned-memory trajectory cache)
-#   2. benchmarks/kernels.py                  compiled connector bandwidth vs a device copy, FLUX/SD3 latent sizes
+#   2. benchmarks/connector_bandwidth.py                  compiled connector bandwidth vs a device copy, FLUX/SD3 latent sizes
 #   3. benchmarks/memory_vs_depth.py          FLUX.1-dev and SD3.5-M architectures (random bf16 weights), 512²,
 #                                             T = 25, 1/2/3 leaps, full backprop and the baselines, checkpointing on,
 #                                             LoRA 64 and full fine-tuning (OOM rows recorded as such), with the
@@ -52,7 +52,7 @@ EOF
 if [[ $DRY -eq 1 ]]; then
   export CUDA_VISIBLE_DEVICES=""
   part pytest_gpu 120 python -m pytest -m gpu --collect-only -q -p no:randomly tests
-  part kernels 120 python benchmarks/kernels.py --output "$OUT"
+  part kernels 120 python benchmarks/connector_bandwidth.py --output "$OUT"
   part memory_vs_depth 300 python benchmarks/memory_vs_depth.py --models tiny --steps 4 --repeats 1 \
     --tiny-resolution 32 --batch-size 1 --objectives leapalign-1 leapalign-2 leapalign-3 full_backprop \
     --output "$OUT/tiny"
@@ -61,7 +61,7 @@ else
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "error: no CUDA device; run with --dry-run on CPU" >&2; exit 2; }
   part pytest_gpu 120 python -m pytest -m gpu -q -p no:randomly tests
-  part kernels 60 python benchmarks/kernels.py --output "$OUT"
+  part kernels 60 python benchmarks/connector_bandwidth.py --output "$OUT"
   part memory_lora 150 python benchmarks/memory_vs_depth.py --models flux-dev sd35-medium --resolutions 512 \
     --steps 25 --repeats 1 --lora-rank 64 --output "$OUT/lora64"
   part memory_full 90 python benchmarks/memory_vs_depth.py --models flux-dev sd35-medium --resolutions 512 \

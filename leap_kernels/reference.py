@@ -3,7 +3,7 @@
 These are the definitions the Triton kernels are tested against; they never change to agree with a kernel.
 Bytes moved are annotated per line for a flattened latent of N elements of E bytes per sample and B samples,
 as the Triton tutorials do: they are the budget the fused kernel is measured against
-(``benchmarks/kernels.py``).
+(``benchmarks/connector_bandwidth.py``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Rows:
 Shapes come from the real configs: FLUX packed latents [1, (H/16)·(W/16), 64] at 720² ([1, 2025, 64]) and 1024²
 ([1, 4096, 64]); SD3 latents [1, 16, H/8, W/8] at 720² ([1, 16, 90, 90]) and 1024² ([1, 16, 128, 128]).
 
-    python benchmarks/kernels.py            # writes benchmarks/results/kernels_<device>.{jsonl,md}
+    python benchmarks/connector_bandwidth.py            # writes benchmarks/results/kernels_<device>.{jsonl,md}
 """
 
 from __future__ import annotations
