@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,11 @@ def verdict_changes(folder: Path, records: dict, path: Path, heading: str, pairs
     # Plain ASCII titles: PIL's default font has no check marks or arrows.
     sections = [(f"judged wrong before training, right after: {len(gained)} images (before | after)", gained),
                 (f"judged right before training, wrong after: {len(lost)} images (before | after)", lost)]  # fmt: skip
-    height = header + sum(header + max(1, -(-len(items) // pairs_per_row)) * (tile_h + 6) for _, items in sections)
+
+    def section_height(items: list[int]) -> int:  # one row of pairs at least, so an empty section keeps its title
+        return max(1, math.ceil(len(items) / pairs_per_row)) * (tile_h + 6)
+
+    height = header + sum(header + section_height(items) for _, items in sections)
     canvas = Image.new("RGB", (pairs_per_row * (pair_w + gap), height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), heading, fill="black")
@@ -58,7 +63,7 @@ def verdict_changes(folder: Path, records: dict, path: Path, heading: str, pairs
             for k, tag in enumerate(("start", "end")):
                 canvas.paste(grids[tag].crop(layouts[tag].box(index)), (x + k * (tile_w + 4), row))
             draw.line((x + tile_w + 2, row, x + tile_w + 2, row + tile_h), fill="gray")
-        y += max(1, -(-len(items) // pairs_per_row)) * (tile_h + 6)
+        y += section_height(items)
     canvas.save(path)
     return len(gained), len(lost)
 
