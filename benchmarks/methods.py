@@ -1,8 +1,15 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
-The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: provisional,
-not yet pre-registered** — the present world's judge gain is too small at a budget that fits 100 minutes
-(``results/world_optimizer_probe_cpu.md``), so the world changes before these numbers are fixed and the ranking runs:
+The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status:
+pre-registered on 2026-12-04** (the commit that says so in its message), before any ranking run. The budget is set
+by the clock, not by results: the whole benchmark (41 runs, ``--jobs 2``) must finish within 100 minutes on 2 CPU
+cores, and measured step costs (batch 16, one thread per run, two runs side by side: LeapAlign ≈ 1.9 s, ReFL and
+DRTune ≈ 2.4 s, DRaFT-LV ≈ 3.7 s, full backprop ≈ 5.7 s, plus ≈ 60 s of start-up and 600-image evaluation per run)
+put 64 steps at ≈ 81 minutes. Exploratory LeapAlign-only probes on the test images
+(``results/world_optimizer_probe_cpu.md``) came before this commit; they set the optimizer regime (AdamW eps 1e-2)
+and showed that the EMA export, holding about half of the base weights at the end of a run, carries the gain — so
+the EMA decay is 0.99 for 64 steps (0.99⁶⁴ ≈ 0.53, as 0.995¹²⁰ ≈ 0.55 in the probes). Nothing of the world is tuned
+after the ranking runs.
 
 - **World and reward.** Every method fine-tunes the embedded world's pretrained model (``engine/world/assets/model``)
   on the structural reward ``world_scene`` (λ 1, α 0.3), from the same prompts and noise seeds per step, one rollout
@@ -13,6 +20,8 @@ not yet pre-registered** — the present world's judge gain is too small at a bu
   run raised its own training reward). ZeRO-2, fp32, one process per run: parameters whole on the rank, so the
   no-grad rollouts run without ZeRO-3's per-module hooks (a quarter faster here); ZeRO-3 computes the same
   gradients (``tests/distributed``), and the methods, not the partitioning, are what is ranked.
+  Activation checkpointing is off for every run (``COMMON``): the 1.8M-parameter model fits without it, it changes
+  no gradient, and recomputation would cost full backprop more than twice its time.
 - **Data.** The world's fine-tuning split minus a validation subset (every ``VALIDATION_EVERY``-th distinct caption
   of each category) trains; the validation captions choose the learning rate; the held-out split (colour–shape
   pairings fine-tuning never sees) is the test, touched only for the final numbers.
@@ -70,16 +79,23 @@ logger = logging.getLogger("methods")
 NUM_STEPS = 25  # rollout grid (the paper's)
 PROTOCOL = {
     "reward": "world_scene",
-    "steps": 100,
-    "batch": 8,
-    "lr_grid": [5e-4, 1e-3],
+    "steps": 64,
+    "batch": 16,
+    "lr_grid": [1e-3, 2e-3],
     "eps": 1e-2,
-    "ema_decay": 0.995,
+    "ema_decay": 0.99,
     "seeds": [0, 1, 2],
     "test_per_category": 100,  # 600 held-out images
     "validation_images": 300,
 }
 VALIDATION_EVERY = 5
+# Speed settings shared by every run: the world's 1.8M-parameter model needs no activation recomputation, and
+# checkpointing changes no gradient (tests/unit/test_objectives.py); it only costs a recomputed forward.
+COMMON = [
+    "model.gradient_checkpointing=false",
+    "model.vae_gradient_checkpointing=false",
+    "method.full_backprop.checkpoint_steps=false",
+]
 METHODS: dict[str, list[str]] = {
     "LeapAlign": [],
     "ReFL": ["method.objective=refl"],
@@ -94,6 +110,8 @@ METHODS: dict[str, list[str]] = {
     "LeapAlign later half": [f"method.leapalign.max_level={NUM_STEPS // 2}"],
     "LeapAlign fixed distance": [f"method.leapalign.fixed_distance={NUM_STEPS // 2}"],
 }
+# Longest runs first, so that the last minutes do not leave one of the two workers idle (order changes no result).
+RELATIVE_COST = {"Full backprop": 3.0, "DRaFT-LV": 2.0, "ReFL": 1.3, "DRTune": 1.3}
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 # Two-sided 97.5% Student-t quantiles by degrees of freedom (1–10), then the normal value.
@@ -234,6 +252,7 @@ def run_one(
         "logging.progress=false",
         "logging.tensorboard=false",
         "checkpoint.keep_last=1",
+        *COMMON,
         *METHODS[name],
     ]
     # A fresh process per run: DeepSpeed keeps process-global state that a second run in one process trips over.
@@ -384,6 +403,10 @@ def plot(summaries: list[dict], methods: list[str], base: dict, path: Path) -> N
     plt.close(fig)
 
 
+def _longest_first(jobs: list[tuple]) -> list[tuple]:
+    return sorted(jobs, key=lambda job: -RELATIVE_COST.get(job[0], 1.0))  # stable: the given order within a cost
+
+
 def _parallel(jobs, fn, workers: int) -> list:
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
@@ -435,7 +458,8 @@ def main(argv=None) -> int:
     objectives = [m for m in args.methods if objective_of(m) == m]
     first = args.seeds[0]
     selection = _parallel(
-        [(name, first, lr, args, train_file, validation_file, threads) for name in objectives for lr in args.lr_grid],
+        _longest_first([(name, first, lr, args, train_file, validation_file, threads)
+                        for name in objectives for lr in args.lr_grid]),
         run_one, args.jobs,
     )  # fmt: skip
     chosen, selection_lines = {}, []
@@ -447,7 +471,7 @@ def main(argv=None) -> int:
             for seed in args.seeds for name in args.methods]  # fmt: skip
     done = {(s["method"], s["seed"], s["lr"]): s for s in selection}
     todo = [job for job in jobs if (job[0], job[1], job[2]) not in done]
-    for summary in _parallel(todo, run_one, args.jobs):
+    for summary in _parallel(_longest_first(todo), run_one, args.jobs):
         done[(summary["method"], summary["seed"], summary["lr"])] = summary
     summaries = [done[(name, seed, lr)] for name, seed, lr, *_ in jobs]
     wall = time.time() - started
@@ -461,7 +485,8 @@ def main(argv=None) -> int:
         f"commit {str(env['commit'])[:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']})\n\n"
         f"Protocol (`benchmarks/methods.py`, fixed before the ranking ran): each method fine-tunes the world's base "
         f"model on `{args.reward}` for {args.steps} steps of {args.batch} rollouts (T = {NUM_STEPS}, AdamW eps "
-        f"{args.eps:g}, ZeRO-2, fp32, 1 process per run, {threads} thread(s), {args.jobs} runs side by side) on the "
+        f"{args.eps:g}, ZeRO-2, fp32, no activation recomputation, 1 process per run, {threads} thread(s), "
+        f"{args.jobs} runs side by side) on the "
         f"fine-tuning split minus {len(validation_captions)} validation captions; seeds {args.seeds}. The lr of each "
         f"objective is the best of {args.lr_grid} by the validation judge of seed {first} "
         f"({args.validation_images} images); LeapAlign's ablations use LeapAlign's. Every number is the EMA export's "

@@ -6,7 +6,18 @@ import math
 
 import pytest
 
-from benchmarks.methods import METHODS, choose_lr, mean_ci95, objective_of, paired_table, split_prompts, table
+from benchmarks.methods import (
+    COMMON,
+    METHODS,
+    PROTOCOL,
+    _longest_first,
+    choose_lr,
+    mean_ci95,
+    objective_of,
+    paired_table,
+    split_prompts,
+    table,
+)
 
 
 def test_mean_ci95_is_the_student_t_interval():
@@ -93,3 +104,22 @@ def test_validation_captions_come_from_the_fine_tuning_split_and_never_train(tmp
     assert len(validation_lines) == 100 and set(validation_lines) == set(captions)
     assert set(captions) <= finetune and not set(captions) & train and not set(captions) & heldout
     assert train <= finetune and len(train) > 2 * len(captions)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_runs_overrides_make_a_valid_config(name):
+    from engine.config.loading import load_config
+
+    cfg = load_config(None, [*COMMON, *METHODS[name], f"optim.max_steps={PROTOCOL['steps']}"])
+    assert cfg.model.gradient_checkpointing is False and cfg.method.full_backprop.checkpoint_steps is False
+
+
+def test_longest_runs_go_first_and_the_rest_keep_their_order():
+    jobs = [("LeapAlign", 0), ("Full backprop", 0), ("LeapAlign α=0", 1), ("DRaFT-LV", 2), ("Full backprop", 1)]
+    assert _longest_first(jobs) == [
+        ("Full backprop", 0),
+        ("Full backprop", 1),
+        ("DRaFT-LV", 2),
+        ("LeapAlign", 0),
+        ("LeapAlign α=0", 1),
+    ]
