@@ -1,25 +1,36 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
-The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status:
-pre-registered on 2026-12-04** (the commit that says so in its message), before any ranking run. The budget is set
-by the clock, not by results: the whole benchmark (41 runs, ``--jobs 2``) must finish within 100 minutes on 2 CPU
-cores, and measured step costs (batch 16, one thread per run, two runs side by side: LeapAlign ≈ 1.9 s, ReFL and
-DRTune ≈ 2.4 s, DRaFT-LV ≈ 3.7 s, full backprop ≈ 5.7 s, plus ≈ 60 s of start-up and 600-image evaluation per run)
-put 64 steps at ≈ 81 minutes. Exploratory LeapAlign-only probes on the test images
-(``results/world_optimizer_probe_cpu.md``) came before this commit; they set the optimizer regime (AdamW eps 1e-2)
-and showed that the EMA export, holding about half of the base weights at the end of a run, carries the gain — so
-the EMA decay is 0.99 for 64 steps (0.99⁶⁴ ≈ 0.53, as 0.995¹²⁰ ≈ 0.55 in the probes). Nothing of the world is tuned
-after the ranking runs.
+The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 2,
+pre-registered on 2026-12-04, not yet run.**
+
+*Version 1* (``c2a5b0a``, run from that clean tree in 87.8 min: ``results/methods_cpu.md``) used AdamW with eps 1e-2
+and lr ∈ {1e-3, 2e-3} for every objective. With eps that large AdamW is momentum SGD, and with the gradient clipped
+to norm 1 each step is ∝ lr · min(‖g‖, 1). The objectives' gradient norms differ by two orders of magnitude (median
+over the runs: full backprop 7.3, LeapAlign 3.9, ReFL 0.8, DRTune 0.08, DRaFT-LV 0.055), so at the same lr DRTune and
+DRaFT-LV stepped 12–18× less than LeapAlign, and a two-point grid could not make up for it: version 1 ranked step
+sizes as much as gradients (DRaFT-LV's two lrs gave the same validation and test judge). Its numbers stay published
+as they came out; its LeapAlign-versus-DRTune/DRaFT-LV differences are not evidence about the methods.
+
+*Version 2* changes only the optimizer regime: AdamW with its usual eps (1e-8), whose per-coordinate step is set by
+lr whatever the gradient's scale (the paper's optimizer), and lr ∈ {1e-4, 3e-4} for every objective (1e-4 raised the
+judge in Adam's regime in ``results/world_optimizer_probe_cpu.md`` round 4; 3e-4 for the shorter budget). The
+budget, data, seeds, EMA and evaluation are version 1's. The budget is set by the clock, not by results: the whole
+benchmark (41 runs, ``--jobs 2``) must finish within 100 minutes on 2 CPU cores; measured step costs (batch 16, one
+thread per run, two runs side by side: LeapAlign ≈ 1.9 s, ReFL and DRTune ≈ 2.4 s, DRaFT-LV ≈ 3.7 s, full backprop ≈
+5.7 s, plus ≈ 60 s of start-up and 600-image evaluation per run) put 64 steps at ≈ 81 minutes (version 1 took 88).
+Exploratory LeapAlign-only probes on the test images (``results/world_optimizer_probe_cpu.md``) came before
+version 1; they showed that the EMA export, holding about half of the base weights at the end of a run, carries the
+gain — so the EMA decay is 0.99 for 64 steps (0.99⁶⁴ ≈ 0.53, as 0.995¹²⁰ ≈ 0.55 in the probes). Nothing of the
+world is tuned after a ranking runs.
 
 - **World and reward.** Every method fine-tunes the embedded world's pretrained model (``engine/world/assets/model``)
   on the structural reward ``world_scene`` (λ 1, α 0.3), from the same prompts and noise seeds per step, one rollout
   per sample per step, the same number of optimizer steps and batch. DRaFT-LV is the one exception by design: its
   re-noise loops evaluate the reward ``renoise`` extra times per sample (its paper's definition); the table says so.
-- **Optimizer.** AdamW with eps 1e-2: with the gradient clipped to norm 1, eps is far above √v for almost every
-  coordinate, so AdamW is momentum SGD with step lr/eps (``results/world_optimizer_probe_cpu.md``: with eps 1e-8 no
-  run raised its own training reward). ZeRO-2, fp32, one process per run: parameters whole on the rank, so the
-  no-grad rollouts run without ZeRO-3's per-module hooks (a quarter faster here); ZeRO-3 computes the same
-  gradients (``tests/distributed``), and the methods, not the partitioning, are what is ranked.
+- **Optimizer.** AdamW with eps 1e-8 (version 2, above), the gradient clipped to norm 1. ZeRO-2, fp32, one process
+  per run: parameters whole on the rank, so the no-grad rollouts run without ZeRO-3's per-module hooks (a quarter
+  faster here); ZeRO-3 computes the same gradients (``tests/distributed``), and the methods, not the partitioning,
+  are what is ranked.
   Activation checkpointing is off for every run (``COMMON``): the 1.8M-parameter model fits without it, it changes
   no gradient, and recomputation would cost full backprop more than twice its time.
 - **Data.** The world's fine-tuning split minus a validation subset (every ``VALIDATION_EVERY``-th distinct caption
@@ -43,9 +54,10 @@ Each run goes through the real entry points (``launch/train.py``, then ``launch/
 ``--jobs`` runs side by side, each with cores / jobs threads). A finished run keeps its ``summary.json``;
 re-running the script reuses it, so an interrupted benchmark resumes where it stopped.
 
-Outputs (``benchmarks/results/``): ``methods_<tag>.jsonl`` (one row per run, stamped with device, versions and
-commit), ``methods_<tag>.md`` (protocol, lr selection, the table per category, paired differences, wall time) and
-``methods_<tag>.png`` (judge gain over the base model per method).
+Outputs (``benchmarks/results/``; ``<tag>`` defaults to ``<device>_v<version>``; version 1 wrote ``methods_cpu.*``):
+``methods_<tag>.jsonl`` (one row per run, stamped with device, versions and commit), ``methods_<tag>.md``
+(protocol, lr selection, the table per category, paired differences, wall time) and ``methods_<tag>.png`` (judge
+gain over the base model per method).
 
 Usage:
     python benchmarks/methods.py --jobs 2             # the pre-registered benchmark on CPU
@@ -78,11 +90,12 @@ logger = logging.getLogger("methods")
 
 NUM_STEPS = 25  # rollout grid (the paper's)
 PROTOCOL = {
+    "version": 2,
     "reward": "world_scene",
     "steps": 64,
     "batch": 16,
-    "lr_grid": [1e-3, 2e-3],
-    "eps": 1e-2,
+    "lr_grid": [1e-4, 3e-4],
+    "eps": 1e-8,
     "ema_decay": 0.99,
     "seeds": [0, 1, 2],
     "test_per_category": 100,  # 600 held-out images
@@ -265,6 +278,7 @@ def run_one(
         raise RuntimeError(f"{name} seed {seed}: launch/train.py exited with {code.returncode}; see {folder}/train.log")
     train_seconds = time.time() - start
     export = folder / "run" / "export" / "transformer_ema"
+    metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").open()]
     summary = {
         "method": name,
         "seed": seed,
@@ -274,7 +288,8 @@ def run_one(
         "validation": evaluate(export, folder / "eval_validation", args, threads, prompts=validation_file)
         if validation_file is not None
         else None,
-        "train_reward": [json.loads(line).get("reward_mean") for line in (folder / "run" / "metrics.jsonl").open()],
+        "train_reward": [m.get("reward_mean") for m in metrics],
+        "grad_norm": [m.get("grad_norm") for m in metrics],  # before clipping: the step scale it sets (see above)
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - start, 1),
         "threads": threads,
@@ -315,14 +330,14 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
     seeds, with the base model's row first and each method's paired gain over it."""
     reward = summaries[0]["settings"]["reward"] if summaries else "reward"
     header = ["method", "lr", "seeds", "judge overall", "Δ judge vs base", *CATEGORY_ORDER, reward, "world_clip",
-              f"{reward} AUC vs judge", "train reward Δ", "s/run"]  # fmt: skip
+              f"{reward} AUC vs judge", "train reward Δ", "median ‖g‖", "s/run"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     cats = [c for c in CATEGORY_ORDER if c in base["judge"]]
     base_row = ["base model", "–", "–", f"{base['judge']['overall']:.3f}", "–"]
     base_row += [f"{base['judge'][c]:.3f}" if c in cats else "–" for c in CATEGORY_ORDER]
     base_row += [f"{base['reward'].get(name, float('nan')):.4f}" for name in (reward, "world_clip")]
     base_row.append(_auc(base, reward))
-    lines.append("| " + " | ".join(base_row + ["–", "–"]) + " |")
+    lines.append("| " + " | ".join(base_row + ["–", "–", "–"]) + " |")
 
     def cell(values, digits=3, sign=""):
         mean, half = mean_ci95(values)
@@ -343,6 +358,9 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
         # Training-prompt reward, mean of the last 10 steps minus the first 10: did the method optimise its reward?
         trained = [r["train_reward"] for r in runs if len(r.get("train_reward") or []) >= 20]
         row.append(cell([np.mean(t[-10:]) - np.mean(t[:10]) for t in trained], 4, sign="+") if trained else "–")
+        # The gradient's norm before clipping to 1: with a large AdamW eps the step scales with it (protocol v1).
+        norms = [np.median([g for g in r["grad_norm"] if g is not None]) for r in runs if r.get("grad_norm")]
+        row.append(f"{np.median(norms):.3g}" if norms else "–")
         row.append(f"{np.mean([r['seconds'] for r in runs]):.0f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -434,9 +452,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reward", default=PROTOCOL["reward"])
     parser.add_argument("--test-per-category", type=int, default=PROTOCOL["test_per_category"])
     parser.add_argument("--validation-images", type=int, default=PROTOCOL["validation_images"])
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "methods", help="run folders (resumable)")
+    parser.add_argument(
+        "--runs", type=Path, default=ROOT / "runs" / f"methods_v{PROTOCOL['version']}", help="run folders (resumable)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--tag", default=None, help="result file suffix (default: the device type)")
+    parser.add_argument("--tag", default=None, help="result file suffix (default: device type and protocol version)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs and redo them")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (CPU: each gets cores / jobs threads)")
     args = parser.parse_args(argv)
@@ -449,7 +469,7 @@ def main(argv=None) -> int:
     started = time.time()
     args.runs.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tag = args.tag or device.type
+    tag = args.tag or f"{device.type}_v{PROTOCOL['version']}"
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     train_file, validation_file, validation_captions = split_prompts(args.runs, args.validation_images)
     base = base_evaluation(args, threads, validation_file)
@@ -477,13 +497,14 @@ def main(argv=None) -> int:
     wall = time.time() - started
 
     env = stamp(device)
-    rows = [{k: v for k, v in s.items() if k != "train_reward"} | env for s in selection + summaries]
+    rows = [{k: v for k, v in s.items() if k not in ("train_reward", "grad_norm")} | env for s in selection + summaries]
     write_jsonl(args.out / f"methods_{tag}.jsonl", rows)
     images = 6 * args.test_per_category
     header = (
         f"# Methods in the embedded world ({env['device']}, torch {env['torch']}, deepspeed {env['deepspeed']}, "
         f"commit {str(env['commit'])[:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']})\n\n"
-        f"Protocol (`benchmarks/methods.py`, fixed before the ranking ran): each method fine-tunes the world's base "
+        f"Protocol version {PROTOCOL['version']} (`benchmarks/methods.py`, fixed before the ranking ran): each "
+        "method fine-tunes the world's base "
         f"model on `{args.reward}` for {args.steps} steps of {args.batch} rollouts (T = {NUM_STEPS}, AdamW eps "
         f"{args.eps:g}, ZeRO-2, fp32, no activation recomputation, 1 process per run, {threads} thread(s), "
         f"{args.jobs} runs side by side) on the "

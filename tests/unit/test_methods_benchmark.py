@@ -55,6 +55,10 @@ def test_table_reports_base_row_and_each_methods_gain_over_seeds():
     assert "| 0.2100 ± 0.0248 |" in text[3]  # the reward column, over seeds
     assert "| 0.7000 | 0.870 |" in text[2] and "| 0.700 ± 0.000 |" in text[4]  # world_clip, then the reward's AUC
     assert len(text) == 5  # DRTune has no runs: no row
+    assert text[3].endswith("| – | 10 |") and text[2].endswith("| – | – | – |")  # no gradient norms recorded: –
+    for s, norms in zip(summaries[:3], ([1.0, 9.0, 3.0], [2.0, None, 4.0, 5.0], [7.0])):
+        s["grad_norm"] = norms  # medians 3, 4 and 7 over the steps; None (no step) is skipped
+    assert table(summaries, ["LeapAlign"], _evaluation(0.3)).splitlines()[3].endswith("| 4 | 10 |")
 
 
 def test_every_method_names_a_distinct_configuration_with_the_papers_ablations():
