@@ -1,7 +1,8 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
 The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 2,
-pre-registered on 2026-12-04, not yet run.**
+pre-registered on 2026-12-04 (``3670331``), run from the clean tree at ``d35fba3`` in 85.3 min:
+``results/methods_cpu_v2.md``.**
 
 *Version 1* (``c2a5b0a``, run from that clean tree in 87.8 min: ``results/methods_cpu.md``) used AdamW with eps 1e-2
 and lr ∈ {1e-3, 2e-3} for every objective. With eps that large AdamW is momentum SGD, and with the gradient clipped
@@ -504,11 +505,10 @@ def main(argv=None) -> int:
         f"# Methods in the embedded world ({env['device']}, torch {env['torch']}, deepspeed {env['deepspeed']}, "
         f"commit {str(env['commit'])[:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']})\n\n"
         f"Protocol version {PROTOCOL['version']} (`benchmarks/methods.py`, fixed before the ranking ran): each "
-        "method fine-tunes the world's base "
-        f"model on `{args.reward}` for {args.steps} steps of {args.batch} rollouts (T = {NUM_STEPS}, AdamW eps "
-        f"{args.eps:g}, ZeRO-2, fp32, no activation recomputation, 1 process per run, {threads} thread(s), "
-        f"{args.jobs} runs side by side) on the "
-        f"fine-tuning split minus {len(validation_captions)} validation captions; seeds {args.seeds}. The lr of each "
+        f"method fine-tunes the world's base model on `{args.reward}` for {args.steps} steps of {args.batch} "
+        f"rollouts (T = {NUM_STEPS}, AdamW eps {args.eps:g}, ZeRO-2, fp32, no activation recomputation, 1 process "
+        f"per run, {threads} thread(s), {args.jobs} runs side by side) on the fine-tuning split minus "
+        f"{len(validation_captions)} validation captions; seeds {args.seeds}. The lr of each "
         f"objective is the best of {args.lr_grid} by the validation judge of seed {first} "
         f"({args.validation_images} images); LeapAlign's ablations use LeapAlign's. Every number is the EMA export's "
         f"(decay {args.ema_decay}) on {images} held-out images (seeds 0…{images - 1}, pairings fine-tuning never "
