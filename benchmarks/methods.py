@@ -25,9 +25,11 @@ gain — so the EMA decay is 0.99 for 64 steps (0.99⁶⁴ ≈ 0.53, as 0.995¹�
 world is tuned after a ranking runs.
 
 - **World and reward.** Every method fine-tunes the embedded world's pretrained model (``engine/world/assets/model``)
-  on the structural reward ``world_scene`` (λ 1, α 0.3), from the same prompts and noise seeds per step, one rollout
-  per sample per step, the same number of optimizer steps and batch. DRaFT-LV is the one exception by design: its
-  re-noise loops evaluate the reward ``renoise`` extra times per sample (its paper's definition); the table says so.
+  on the structural reward ``world_scene`` in its version 1 (λ 1, α 0.3; named ``world_scene_v1`` since the
+  reward's version 2 took the name ``world_scene``, so that a rerun is still version 2 of this protocol), from the
+  same prompts and noise seeds per step, one rollout per sample per step, the same number of optimizer steps and
+  batch. DRaFT-LV is the one exception by design: its re-noise loops evaluate the reward ``renoise`` extra times per
+  sample (its paper's definition); the table says so.
 - **Optimizer.** AdamW with eps 1e-8 (version 2, above), the gradient clipped to norm 1. ZeRO-2, fp32, one process
   per run: parameters whole on the rank, so the no-grad rollouts run without ZeRO-3's per-module hooks (a quarter
   faster here); ZeRO-3 computes the same gradients (``tests/distributed``), and the methods, not the partitioning,
@@ -59,6 +61,9 @@ Outputs (``benchmarks/results/``; ``<tag>`` defaults to ``<device>_v<version>``;
 ``methods_<tag>.jsonl`` (one row per run, stamped with device, versions and commit), ``methods_<tag>.md``
 (protocol, lr selection, the table per category, paired differences, wall time) and ``methods_<tag>.png`` (judge
 gain over the base model per method).
+
+Since version 2 ran, the report has one more column, "train reward trend": the least-squares rise of the training
+reward over the run (``fitted_rise``), computed from each run's recorded per-step rewards; it changes no run.
 
 Usage:
     python benchmarks/methods.py --jobs 2             # the pre-registered benchmark on CPU
@@ -92,7 +97,7 @@ logger = logging.getLogger("methods")
 NUM_STEPS = 25  # rollout grid (the paper's)
 PROTOCOL = {
     "version": 2,
-    "reward": "world_scene",
+    "reward": "world_scene_v1",  # version 1 of world_scene, which protocols 1 and 2 ran under the name world_scene
     "steps": 64,
     "batch": 16,
     "lr_grid": [1e-4, 3e-4],
@@ -139,6 +144,13 @@ def mean_ci95(values) -> tuple[float, float]:
         return float(array.mean()), 0.0
     quantile = _T975[len(array) - 2] if len(array) - 1 <= len(_T975) else 1.96
     return float(array.mean()), float(quantile * array.std(ddof=1) / math.sqrt(len(array)))
+
+
+def fitted_rise(values) -> float:
+    """The least-squares line's rise over a series (slope × (n − 1)): how much a noisy training curve went up."""
+    y = np.asarray(values, dtype=float)
+    x = np.arange(len(y), dtype=float)
+    return float(np.polyfit(x, y, 1)[0] * (len(y) - 1))
 
 
 def _slug(name: str) -> str:
@@ -331,14 +343,14 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
     seeds, with the base model's row first and each method's paired gain over it."""
     reward = summaries[0]["settings"]["reward"] if summaries else "reward"
     header = ["method", "lr", "seeds", "judge overall", "Δ judge vs base", *CATEGORY_ORDER, reward, "world_clip",
-              f"{reward} AUC vs judge", "train reward Δ", "median ‖g‖", "s/run"]  # fmt: skip
+              f"{reward} AUC vs judge", "train reward Δ", "train reward trend", "median ‖g‖", "s/run"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     cats = [c for c in CATEGORY_ORDER if c in base["judge"]]
     base_row = ["base model", "–", "–", f"{base['judge']['overall']:.3f}", "–"]
     base_row += [f"{base['judge'][c]:.3f}" if c in cats else "–" for c in CATEGORY_ORDER]
     base_row += [f"{base['reward'].get(name, float('nan')):.4f}" for name in (reward, "world_clip")]
     base_row.append(_auc(base, reward))
-    lines.append("| " + " | ".join(base_row + ["–", "–", "–"]) + " |")
+    lines.append("| " + " | ".join(base_row + ["–", "–", "–", "–"]) + " |")
 
     def cell(values, digits=3, sign=""):
         mean, half = mean_ci95(values)
@@ -359,6 +371,9 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
         # Training-prompt reward, mean of the last 10 steps minus the first 10: did the method optimise its reward?
         trained = [r["train_reward"] for r in runs if len(r.get("train_reward") or []) >= 20]
         row.append(cell([np.mean(t[-10:]) - np.mean(t[:10]) for t in trained], 4, sign="+") if trained else "–")
+        # The same reward's least-squares rise over the whole run (slope × steps): every step's batch counts, so it is
+        # far less noisy than the difference of two 10-step means (protocol v3).
+        row.append(cell([fitted_rise(t) for t in trained], 4, sign="+") if trained else "–")
         # The gradient's norm before clipping to 1: with a large AdamW eps the step scales with it (protocol v1).
         norms = [np.median([g for g in r["grad_norm"] if g is not None]) for r in runs if r.get("grad_norm")]
         row.append(f"{np.median(norms):.3g}" if norms else "–")

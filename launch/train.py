@@ -83,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import torch.distributed as dist
-
     from engine.trainer import NonFiniteStop, Trainer
 
     init_distributed(cfg.collective_timeout_s)
     started = False  # OSErrors before training are unreadable inputs (exit 2), after it failed saves (exit 4)
+    finished = False
     try:
         trainer = Trainer(cfg, ds_config)
         started = True
         trainer.train()
+        finished = True
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -125,9 +125,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 4
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        trainer = None  # the DeepSpeed engine and its pending collective handles go before the group (see below)
+        _shut_down(finished)
     return 0
+
+
+def _shut_down(finished: bool) -> None:
+    """Leave the process group so that no collective thread outlives the interpreter.
+
+    After a finished run every rank waits at a barrier first: a rank that destroyed its group while another still
+    exported could leave a gloo worker thread to be torn down at exit, which aborts the process ("terminate called
+    without an active exception", exit 250) after the run had succeeded. A failed run skips the barrier: its peer
+    may be dead.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    gc.collect()  # free the engine's work objects (tensors holding Python references) while the interpreter lives
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,19 +12,33 @@ shape masks, as a detector is trained on the shapes it must find.
    ``softmax(−‖x − ref‖² / 2σ²)`` with the unknown class at a fixed distance ``UNKNOWN_DISTANCE`` (off-palette
    blends and blotches belong to no colour).
 2. **Template match.** For every palette colour c, shape s and side d (7–10 px at 32 px, scaled with the image), at
-   every position: (mean probability of c inside the shape) × (mean probability of not-c in the rest of a window one
-   pixel larger on every side). 1 is a clean, isolated shape of that kind; a square scores ≈ 0.77 on a circle
-   template, a blob lower still; nothing scores 0.
-3. **Object quality** at a position: the target shape's match times its softmax share (``β``) among the three shapes'
-   matches there, so a square is no circle even where the circle template half fits.
+   every position: (mean probability of c inside the shape)^``inside_power`` × (mean probability of not-c in the
+   rest of a window one pixel larger on every side). 1 is a clean, isolated shape of that kind; the power makes a
+   shape count only when (nearly) all its pixels are there: a square missing its corners is no square, whatever
+   else it is. A square scores ≈ 0.77 on a circle template, a blob lower still; nothing scores 0.
+3. **Object quality** at a position: the target shape's match times its softmax share (``beta``) among the three
+   shapes' matches there, so a square is no circle even where the circle template half fits.
 4. **Rules per caption.** One object: the best quality anywhere. Two objects (``and``): a soft minimum of the two
    (both must be there). Counting N: greedy peaks with non-maximum suppression; the mean of the first N minus how far
-   an (N+1)-th exceeds ``EXTRA_THRESHOLD``. Relation: the best soft minimum over candidate pairs whose positions
-   satisfy the relation (dominant axis, past a margin).
+   an (N+1)-th exceeds ``extra_threshold``. The N are found on the strict quality above, the (N+1)-th on a *lenient*
+   one (power 1, share ``LENIENT_BETA``): an extra object is penalised even when it is too ragged to count as
+   present. An image holds a shape only when it is clean, and lacks one only when nothing like it is there.
+   Relation: the best soft minimum over candidate pairs whose positions satisfy the relation (dominant axis, past a
+   margin).
 
-Score in about [−0.5, 1]; rendered true scenes score ≈ 0.9–1 and each category's negatives (wrong colour, shape,
-count, mirrored relation, a missing object) far lower (``tests/unit/test_world_scene.py``). λ = 1 keeps the hinge
-active everywhere (no image scores above 1), α = 0.3.
+**Versions** (``VERSIONS``). ``world_scene`` is version 2; ``world_scene_v1`` keeps version 1, which the methods
+benchmark's protocol versions 1 and 2 ran (``benchmarks/methods.py``), so that they stay reproducible. Version 2
+raises the inside power 1 → 4 and the shape share 10 → 40, and looks for extra objects on the lenient quality above
+0.25 (version 1: on the one quality map, above 0.5). These values were chosen on validation captions of the
+fine-tuning split. On 900 validation images (the base model, and the EMA and last weights of a 64-step LeapAlign run)
+the reward's AUC against the judge rose 0.853 → 0.902. Between the objects the judge finds and those it reads as
+another shape, the AUC rose 0.786 → 0.841. Version 1 gave a square missing three pixels at each corner a fifth of a
+clean square's score, though the judge reads it as a circle; version 2 gives it almost nothing
+(``tests/unit/test_world_scene.py``).
+
+Score in about [−0.5, 1]; rendered true scenes score ≈ 0.78 (both versions) and each category's negatives (wrong
+colour, shape, count, mirrored relation, a missing object) far lower (``tests/unit/test_world_scene.py``). λ = 1
+keeps the hinge active everywhere (no image scores above 1), α = 0.3.
 """
 
 from __future__ import annotations
@@ -45,11 +59,34 @@ DEFAULT_LAM = 1.0
 DEFAULT_ALPHA = 0.3
 SIGMA = 0.1  # soft-colour width in [0, 1] RGB units; the palette's closest pair is 0.5 apart
 UNKNOWN_DISTANCE = 60 / 255  # farther than this from every reference is mostly "unknown"
-BETA = 10.0  # sharpness of the shape share
+LENIENT_BETA = 10.0  # the shape share of the lenient quality that finds extra objects
 SOFTMIN_TAU = 0.1
-EXTRA_THRESHOLD = 0.5  # an (N+1)-th peak above this is penalised in counting prompts
 PAIR_CANDIDATES = 12  # peaks per object searched for a relation-consistent pair
 
+
+@dataclass(frozen=True)
+class Version:
+    """One version's settings.
+
+    Attributes:
+        inside_power: The template's inside mean is raised to it: a shape counts only when (nearly) all its pixels
+            are there.
+        beta: Sharpness of the shape share.
+        extra_threshold: In counting prompts, an (N+1)-th object whose quality exceeds it is penalised.
+        lenient_extras: Look for that object on the lenient quality (power 1, share ``LENIENT_BETA``) rather than
+            on the strict one.
+    """
+
+    inside_power: int
+    beta: float
+    extra_threshold: float
+    lenient_extras: bool
+
+
+VERSIONS = {
+    1: Version(inside_power=1, beta=10.0, extra_threshold=0.5, lenient_extras=False),
+    2: Version(inside_power=4, beta=40.0, extra_threshold=0.25, lenient_extras=True),
+}
 _NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4}
 _RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 _BASE_SIZE, _SIDES = 32, (7, 10)
@@ -123,7 +160,7 @@ def soft_colors(images: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-torch.cat([distance2, unknown], 1) / (2 * SIGMA**2), dim=1)
 
 
-def match_maps(images: torch.Tensor) -> torch.Tensor:
+def match_maps(images: torch.Tensor, inside_power: int) -> torch.Tensor:
     """Template matches ``[B, colours, shapes, H, W]``: best over sides, positions = window top-left corners."""
     batch, _, height, width = images.shape
     inside, frame, n_in, n_out, window, n_sides = _templates(height)
@@ -134,24 +171,27 @@ def match_maps(images: torch.Tensor) -> torch.Tensor:
     win_sum = F.conv2d(padded, frame)
     inside_mean = in_sum / n_in[:, None, None]
     outside_clear = 1.0 - (win_sum - in_sum) / n_out[:, None, None]
-    match = (inside_mean * outside_clear).reshape(batch, len(COLORS), len(SHAPES), n_sides, height, width)
+    match = (inside_mean**inside_power * outside_clear).reshape(batch, len(COLORS), len(SHAPES), n_sides, height, width)
     return match.amax(3)
 
 
-def quality_maps(match: torch.Tensor) -> torch.Tensor:
+def quality_maps(match: torch.Tensor, beta: float) -> torch.Tensor:
     """Each shape's match times its softmax share among the shapes (the others max-pooled over 3×3 positions)."""
     b, c, s, h, w = match.shape
     pooled = F.max_pool2d(match.reshape(b * c, s, h, w), 3, stride=1, padding=1).reshape(b, c, s, h, w)
     quality = []
     for i in range(s):
-        logits = torch.cat([pooled[:, :, :i], match[:, :, i : i + 1], pooled[:, :, i + 1 :]], 2) * BETA
+        logits = torch.cat([pooled[:, :, :i], match[:, :, i : i + 1], pooled[:, :, i + 1 :]], 2) * beta
         quality.append(match[:, :, i] * torch.softmax(logits, 2)[:, :, i])
     return torch.stack(quality, 2)
 
 
-def _peaks(quality: torch.Tensor, n: int, radius: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Greedy non-maximum suppression on one ``[H, W]`` map: n values (differentiable) and their positions."""
-    blocked = torch.zeros_like(quality, dtype=torch.bool)
+def _peaks(
+    quality: torch.Tensor, n: int, radius: int, blocked: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]:
+    """Greedy non-maximum suppression on one ``[H, W]`` map: n values (differentiable), their positions and the
+    suppressed area; ``blocked`` marks positions already taken (by peaks found on another map)."""
+    blocked = torch.zeros_like(quality, dtype=torch.bool) if blocked is None else blocked.clone()
     values, places = [], []
     for _ in range(n):
         flat = quality.masked_fill(blocked, float("-inf")).flatten()
@@ -160,7 +200,7 @@ def _peaks(quality: torch.Tensor, n: int, radius: int) -> tuple[torch.Tensor, li
         values.append(quality[y, x])
         places.append((y, x))
         blocked[max(0, y - radius + 1) : y + radius, max(0, x - radius + 1) : x + radius] = True
-    return torch.stack(values), places
+    return torch.stack(values), places, blocked
 
 
 def _softmin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -184,11 +224,14 @@ def _holds(a: tuple[int, int], b: tuple[int, int], relation: str, margin: float)
     return along > margin and along > abs(dx)
 
 
-def score_one(quality: torch.Tensor, caption: _Caption, radius: int) -> torch.Tensor:
-    """One image's score from its ``[colours, shapes, H, W]`` quality maps."""
+def score_one(
+    quality: torch.Tensor, caption: _Caption, radius: int, extra_threshold: float, lenient: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One image's score from its strict ``[colours, shapes, H, W]`` quality maps and, for counting, the lenient ones
+    that look for extra objects (the strict ones where none are given)."""
     maps = [_object_map(quality, obj) for obj in caption.objects]
     if caption.relation is not None:
-        (va, pa), (vb, pb) = (_peaks(m, PAIR_CANDIDATES, radius // 2) for m in maps)
+        (va, pa, _), (vb, pb, _) = (_peaks(m, PAIR_CANDIDATES, radius // 2) for m in maps)
         pairs = [
             _softmin(va[i], vb[j])
             for i in range(len(pa))
@@ -199,8 +242,9 @@ def score_one(quality: torch.Tensor, caption: _Caption, radius: int) -> torch.Te
     scores = []
     for obj, quality_map in zip(caption.objects, maps):
         if caption.counting:
-            values, _ = _peaks(quality_map, obj.count + 1, radius)
-            scores.append(values[:-1].mean() - torch.relu(values[-1] - EXTRA_THRESHOLD))
+            values, _, taken = _peaks(quality_map, obj.count, radius)
+            extra, _, _ = _peaks(_object_map(quality if lenient is None else lenient, obj), 1, radius, taken)
+            scores.append(values.mean() - torch.relu(extra[0] - extra_threshold))
         else:
             scores.append(quality_map.max())
     return scores[0] if len(scores) == 1 else _softmin(*scores)
@@ -209,25 +253,39 @@ def score_one(quality: torch.Tensor, caption: _Caption, radius: int) -> torch.Te
 class WorldSceneReward:
     """The structural reward (module docstring); images ``[B, 3, H, W]`` in [0, 1], world captions."""
 
-    name = "world_scene"
     default_lam = DEFAULT_LAM
     default_alpha = DEFAULT_ALPHA
 
+    def __init__(self, version: int = 2):
+        if version not in VERSIONS:
+            raise ValueError(f"world_scene version={version}: use one of {sorted(VERSIONS)}")
+        self.version = VERSIONS[version]
+        self.name = "world_scene" if version == 2 else f"world_scene_v{version}"
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if images.shape[0] != len(prompts):
-            raise ValueError(f"world_scene: {images.shape[0]} images for {len(prompts)} prompts")
+            raise ValueError(f"{self.name}: {images.shape[0]} images for {len(prompts)} prompts")
         captions = [parse(p) for p in prompts]
-        quality = quality_maps(match_maps(images))
+        v = self.version
+        quality = quality_maps(match_maps(images, v.inside_power), v.beta)
+        lenient = None
+        if v.lenient_extras and any(c.counting for c in captions):
+            lenient = quality_maps(match_maps(images, 1), LENIENT_BETA)
         radius = round(_SIDES[0] * images.shape[-2] / _BASE_SIZE)  # the smallest object side
-        return torch.stack([score_one(quality[b], c, radius) for b, c in enumerate(captions)]).to(images.dtype)
+        scores = [
+            score_one(quality[b], c, radius, v.extra_threshold, None if lenient is None else lenient[b])
+            for b, c in enumerate(captions)
+        ]
+        return torch.stack(scores).to(images.dtype)
 
 
-register(
-    RewardSpec(
-        "world_scene",
-        lambda path, device, dtype: WorldSceneReward(),
-        needs_path=False,
-        files="nothing",
-        takes_path=False,
+for _version in VERSIONS:
+    register(
+        RewardSpec(
+            "world_scene" if _version == 2 else f"world_scene_v{_version}",
+            lambda path, device, dtype, version=_version: WorldSceneReward(version),
+            needs_path=False,
+            files="nothing",
+            takes_path=False,
+        )
     )
-)

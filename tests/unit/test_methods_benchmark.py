@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from benchmarks.methods import (
@@ -12,6 +13,7 @@ from benchmarks.methods import (
     PROTOCOL,
     _longest_first,
     choose_lr,
+    fitted_rise,
     mean_ci95,
     objective_of,
     paired_table,
@@ -127,3 +129,12 @@ def test_longest_runs_go_first_and_the_rest_keep_their_order():
         ("LeapAlign", 0),
         ("LeapAlign α=0", 1),
     ]
+
+
+def test_fitted_rise_is_the_least_squares_line_over_the_run():
+    """The training-reward trend: the fitted line's rise over the run, not the difference of two noisy means."""
+    steps = np.arange(64)
+    noise = np.random.default_rng(0).normal(0, 0.05, 64)
+    assert fitted_rise(0.4 + 0.001 * steps) == pytest.approx(0.063)
+    assert fitted_rise(np.full(64, 0.4)) == pytest.approx(0.0, abs=1e-12)
+    assert fitted_rise(0.4 + 0.001 * steps + noise) == pytest.approx(0.063, abs=0.03)

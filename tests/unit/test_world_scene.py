@@ -8,7 +8,7 @@ import torch
 
 from engine.rewards import load_reward
 from engine.world import CATEGORIES, SHAPES, ObjectSpec, SceneSpec, make_prompts, render
-from engine.world.scenes import COLORS, mirror
+from engine.world.scenes import BACKGROUND, COLORS, PALETTE, mirror, shape_mask
 
 
 def _tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -36,9 +36,20 @@ def _negatives(spec: SceneSpec, category: str) -> list[SceneSpec]:
     return negatives
 
 
+@pytest.fixture(scope="module", params=["world_scene", "world_scene_v1"])
+def reward(request):
+    """Both versions: version 2 is ``world_scene``; version 1 stays loadable for the benchmark's protocols 1 and 2."""
+    return load_reward(request.param, None)
+
+
 @pytest.fixture(scope="module")
-def reward():
+def version_2():
     return load_reward("world_scene", None)
+
+
+@pytest.fixture(scope="module")
+def version_1():
+    return load_reward("world_scene_v1", None)
 
 
 @pytest.mark.parametrize("category", CATEGORIES)
@@ -81,3 +92,69 @@ def test_gradient_reaches_the_pixels_and_raises_the_score(reward):
 def test_a_caption_the_world_cannot_write_is_a_one_line_error(reward):
     with pytest.raises(ValueError, match=r"world_scene cannot read the prompt 'a photo of a cat'"):
         reward(torch.ones(1, 3, 32, 32), ["a photo of a cat"])
+
+
+def _canvas() -> np.ndarray:
+    return np.full((32, 32, 3), BACKGROUND, dtype=np.uint8)
+
+
+def _draw(image: np.ndarray, mask: np.ndarray, y: int, x: int, color: str) -> None:
+    image[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = PALETTE[color]
+
+
+def _without(mask: np.ndarray, pixels: list[tuple[int, int]]) -> np.ndarray:
+    mask = mask.copy()
+    for y, x in pixels:
+        mask[y, x] = False
+    return mask
+
+
+def test_a_shape_missing_pixels_is_no_shape(version_2, version_1):
+    """Presence is strict: a square missing three pixels at each corner (box fill 0.85, which the judge reads as a
+    circle) scores almost nothing against a clean square, so that the reward's optimum is a shape the judge accepts.
+    Version 1 (inside mean to the power 1, shape share 10) still gives it a fifth of the clean score."""
+    corners = [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (0, -1),
+        (0, -2),
+        (1, -1),
+        (-1, 0),
+        (-2, 0),
+        (-1, 1),
+        (-1, -1),
+        (-1, -2),
+        (-2, -1),
+    ]
+    clean, ragged = _canvas(), _canvas()
+    _draw(clean, shape_mask("square", 9), 10, 10, "red")
+    _draw(ragged, _without(shape_mask("square", 9), corners), 10, 10, "red")
+    scores = version_2(_tensor([clean, ragged]), ["a red square"] * 2)
+    assert scores[0] > 0.7, scores
+    assert scores[1] < 0.1 * scores[0], scores
+    old = version_1(_tensor([clean, ragged]), ["a red square"] * 2)
+    assert old[1] > 0.15 * old[0], old
+
+
+def test_an_extra_object_too_ragged_to_be_present_still_costs_a_counting_caption(version_2, version_1):
+    """Absence is lenient: a third square missing three corner pixels (fill 0.94, which the judge counts) is too
+    ragged to count as present, yet "two blue squares" must still lose for it. Extra objects are searched on the
+    lenient quality; on the strict one (or with version 1's threshold 0.5) this third square cost nothing or little."""
+    two = _canvas()
+    _draw(two, shape_mask("square", 8), 4, 4, "blue")
+    _draw(two, shape_mask("square", 8), 4, 20, "blue")
+    three = two.copy()
+    _draw(three, _without(shape_mask("square", 7), [(0, 0), (0, -1), (-1, 0)]), 20, 12, "blue")
+    scores = version_2(_tensor([two, three]), ["two blue squares"] * 2)
+    assert scores[0] > 0.7, scores
+    assert scores[1] < scores[0] - 0.2, scores
+    old = version_1(_tensor([two, three]), ["two blue squares"] * 2)
+    assert old[1] > old[0] - 0.2, old
+
+
+def test_an_unknown_version_is_a_one_line_error():
+    from engine.rewards.world_scene import WorldSceneReward
+
+    with pytest.raises(ValueError, match=r"world_scene version=3: use one of \[1, 2\]"):
+        WorldSceneReward(3)
