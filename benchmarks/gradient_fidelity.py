@@ -143,9 +143,9 @@ def main(argv=None) -> int:
         "# Gradient fidelity in the embedded world (CPU, fp32)",
         "",
         f"Commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}, torch {meta['torch']}, {meta['date']}, "
-        f"{seconds / 60:.1f} min. world model + {args.reward}, 32², T = {STEPS}; {args.batches} batches of "
-        f"{args.batch_size} fine-tuning prompts; {args.draws} draws per objective and batch. Cosine with the exact "
-        "gradient through all 25 Euler steps (full backprop).",
+        f"{seconds / 60:.1f} min for the cosines. world model + {args.reward}, 32², T = {STEPS}; {args.batches} "
+        f"batches of {args.batch_size} fine-tuning prompts; {args.draws} draws per objective and batch. Cosine with "
+        "the exact gradient through all 25 Euler steps (full backprop).",
         "",
         "| objective | single draw: cosine (mean ± sd, draws × batches) | mean of draws: cosine (mean over batches) |",
         "|---|---|---|",
@@ -157,7 +157,10 @@ def main(argv=None) -> int:
         spread = statistics.stdev(singles) if len(singles) > 1 else 0.0
         lines.append(f"| {label} | {statistics.mean(singles):.3f} ± {spread:.3f} | {statistics.mean(means):.3f} |")
     if args.gain:
-        lines += ["", *gain_table(adapter, criterion, reward, pool, args)]
+        gain_started = time.perf_counter()
+        table = gain_table(adapter, criterion, reward, pool, args)
+        table[0] += f" — {(time.perf_counter() - gain_started) / 60:.1f} min"
+        lines += ["", *table]
     (args.output / f"gradient_fidelity_cpu{suffix}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(rows, args.output / f"gradient_fidelity_cpu{suffix}.png")
     print("\n".join(lines))
