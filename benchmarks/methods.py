@@ -372,7 +372,7 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
         trained = [r["train_reward"] for r in runs if len(r.get("train_reward") or []) >= 20]
         row.append(cell([np.mean(t[-10:]) - np.mean(t[:10]) for t in trained], 4, sign="+") if trained else "–")
         # The same reward's least-squares rise over the whole run (slope × steps): every step's batch counts, so it is
-        # far less noisy than the difference of two 10-step means (protocol v3).
+        # far less noisy than the difference of two 10-step means (added after version 2 ran; changes no run).
         row.append(cell([fitted_rise(t) for t in trained], 4, sign="+") if trained else "–")
         # The gradient's norm before clipping to 1: with a large AdamW eps the step scales with it (protocol v1).
         norms = [np.median([g for g in r["grad_norm"] if g is not None]) for r in runs if r.get("grad_norm")]

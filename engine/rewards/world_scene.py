@@ -87,6 +87,14 @@ VERSIONS = {
     1: Version(inside_power=1, beta=10.0, extra_threshold=0.5, lenient_extras=False),
     2: Version(inside_power=4, beta=40.0, extra_threshold=0.25, lenient_extras=True),
 }
+LATEST = max(VERSIONS)
+
+
+def registered_name(version: int) -> str:
+    """``world_scene`` for the latest version, ``world_scene_v<N>`` for an older one."""
+    return "world_scene" if version == LATEST else f"world_scene_v{version}"
+
+
 _NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4}
 _RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 _BASE_SIZE, _SIDES = 32, (7, 10)
@@ -160,8 +168,9 @@ def soft_colors(images: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-torch.cat([distance2, unknown], 1) / (2 * SIGMA**2), dim=1)
 
 
-def match_maps(images: torch.Tensor, inside_power: int) -> torch.Tensor:
-    """Template matches ``[B, colours, shapes, H, W]``: best over sides, positions = window top-left corners."""
+def match_maps(images: torch.Tensor, *inside_powers: int) -> tuple[torch.Tensor, ...]:
+    """Template matches ``[B, colours, shapes, H, W]``, one per inside power (the colour masks and convolutions are
+    shared): best over sides, positions = window top-left corners."""
     batch, _, height, width = images.shape
     inside, frame, n_in, n_out, window, n_sides = _templates(height)
     inside, frame, n_in, n_out = (t.to(images.device) for t in (inside, frame, n_in, n_out))
@@ -171,8 +180,8 @@ def match_maps(images: torch.Tensor, inside_power: int) -> torch.Tensor:
     win_sum = F.conv2d(padded, frame)
     inside_mean = in_sum / n_in[:, None, None]
     outside_clear = 1.0 - (win_sum - in_sum) / n_out[:, None, None]
-    match = (inside_mean**inside_power * outside_clear).reshape(batch, len(COLORS), len(SHAPES), n_sides, height, width)
-    return match.amax(3)
+    shape = (batch, len(COLORS), len(SHAPES), n_sides, height, width)
+    return tuple((inside_mean**power * outside_clear).reshape(shape).amax(3) for power in inside_powers)
 
 
 def quality_maps(match: torch.Tensor, beta: float) -> torch.Tensor:
@@ -256,21 +265,24 @@ class WorldSceneReward:
     default_lam = DEFAULT_LAM
     default_alpha = DEFAULT_ALPHA
 
-    def __init__(self, version: int = 2):
+    def __init__(self, version: int = LATEST):
         if version not in VERSIONS:
             raise ValueError(f"world_scene version={version}: use one of {sorted(VERSIONS)}")
         self.version = VERSIONS[version]
-        self.name = "world_scene" if version == 2 else f"world_scene_v{version}"
+        self.name = registered_name(version)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if images.shape[0] != len(prompts):
             raise ValueError(f"{self.name}: {images.shape[0]} images for {len(prompts)} prompts")
         captions = [parse(p) for p in prompts]
         v = self.version
-        quality = quality_maps(match_maps(images, v.inside_power), v.beta)
         lenient = None
         if v.lenient_extras and any(c.counting for c in captions):
-            lenient = quality_maps(match_maps(images, 1), LENIENT_BETA)
+            strict_match, lenient_match = match_maps(images, v.inside_power, 1)
+            lenient = quality_maps(lenient_match, LENIENT_BETA)
+        else:
+            (strict_match,) = match_maps(images, v.inside_power)
+        quality = quality_maps(strict_match, v.beta)
         radius = round(_SIDES[0] * images.shape[-2] / _BASE_SIZE)  # the smallest object side
         scores = [
             score_one(quality[b], c, radius, v.extra_threshold, None if lenient is None else lenient[b])
@@ -282,7 +294,7 @@ class WorldSceneReward:
 for _version in VERSIONS:
     register(
         RewardSpec(
-            "world_scene" if _version == 2 else f"world_scene_v{_version}",
+            registered_name(_version),
             lambda path, device, dtype, version=_version: WorldSceneReward(version),
             needs_path=False,
             files="nothing",

@@ -158,3 +158,15 @@ def test_an_unknown_version_is_a_one_line_error():
 
     with pytest.raises(ValueError, match=r"world_scene version=3: use one of \[1, 2\]"):
         WorldSceneReward(3)
+
+
+def test_match_maps_share_one_pass_between_inside_powers():
+    """The strict and lenient matches come from one pass (one set of colour masks and convolutions); each equals
+    the match computed alone."""
+    from engine.rewards.world_scene import match_maps
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    strict, lenient = match_maps(images, 4, 1)
+    assert torch.equal(strict, match_maps(images, 4)[0])
+    assert torch.equal(lenient, match_maps(images, 1)[0])
+    assert not torch.equal(strict, lenient)
