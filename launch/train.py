@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     finally:
         trainer = None  # the DeepSpeed engine and its pending collective handles go before the group (see below)
-        _shut_down(finished)
+        shut_down(finished)
     return 0
 
 
-def _shut_down(finished: bool) -> None:
+def shut_down(finished: bool) -> None:
     """Leave the process group so that no collective thread outlives the interpreter.
 
     After a finished run every rank waits at a barrier first: a rank that destroyed its group while another still

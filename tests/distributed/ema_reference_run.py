@@ -82,4 +82,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from launch.train import shut_down  # the entry point's own exit: no gloo thread outlives the interpreter
+
+    finished = False
+    try:
+        main(sys.argv[1:])
+        finished = True
+    finally:
+        shut_down(finished)
