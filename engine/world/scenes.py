@@ -193,6 +193,17 @@ def heldout_pairings(seed: int) -> frozenset[tuple[str, str]]:
     )
 
 
+def validation_pairings(seed: int) -> frozenset[tuple[str, str]]:
+    """Three pairings that ``heldout_pairings(seed)`` leaves to fine-tuning, one per shape, each with a held-out
+    colour: the first held-out colour of each shape moves to the next shape. Carving the fine-tuning prompts that use
+    them out of training gives a validation split that mirrors the held-out test (pairings a run never trains on, in
+    every category) for choosing hyper-parameters without touching the test, while training keeps 9 of its 12
+    pairings."""
+    order = np.random.default_rng(seed).permutation(len(COLORS))  # heldout_pairings' permutation
+    per_shape = len(COLORS) // len(SHAPES)
+    return frozenset((COLORS[order[i * per_shape]], SHAPES[(i + 1) % len(SHAPES)]) for i in range(len(SHAPES)))
+
+
 def make_prompts(seed: int = 0, max_per_category: int | None = None) -> PromptSplit:
     """Split the world's prompts into fine-tuning and held-out sets.
 

@@ -54,7 +54,8 @@ def test_table_reports_base_row_and_each_methods_gain_over_seeds():
     assert text[2].startswith("| base model | – | – | 0.300 | – |")
     assert text[3].startswith("| LeapAlign | 0.001 | 3 | 0.500 ± 0.000 | +0.200 ± 0.000 * |")
     assert text[4].startswith("| ReFL | 0.0005 | 3 | 0.410 ± 0.025 | +0.110 ± 0.025 * |")
-    assert "| 0.2100 ± 0.0248 |" in text[3]  # the reward column, over seeds
+    assert "| 0.2100 ± 0.0248 | +0.1100 ± 0.0248 * |" in text[3]  # the reward over seeds, then its gain on the base
+    assert "| 0.1000 | – | 0.7000 |" in text[2]
     assert "| 0.7000 | 0.870 |" in text[2] and "| 0.700 ± 0.000 |" in text[4]  # world_clip, then the reward's AUC
     assert len(text) == 5  # DRTune has no runs: no row
     assert text[3].endswith("| – | 10 |") and text[2].endswith("| – | – | – |")  # no gradient norms recorded: –
@@ -99,17 +100,22 @@ def test_lr_is_chosen_by_the_validation_judge_never_the_test():
     assert lines == ["| ReFL | 0.0005 | +0.050 |", "| ReFL | 0.001 | +0.100 **chosen** |"]
 
 
-def test_validation_captions_come_from_the_fine_tuning_split_and_never_train(tmp_path):
-    from engine.world.evaluate import prompt_set
+def test_validation_prompts_use_pairings_that_training_never_sees(tmp_path):
+    """Protocol 3: the training file holds no prompt with a validation pairing, the validation captions all use one
+    (and no held-out pairing), and they cover every category, as the test does."""
+    from engine.world.evaluate import prompt_set, world_prompt
+    from engine.world.scenes import CATEGORIES, heldout_pairings, validation_pairings
 
-    train_file, validation_file, captions = split_prompts(tmp_path, 100)
-    train = set(train_file.read_text().split("\n")) - {""}
+    train_file, validation_file, captions = split_prompts(tmp_path, 300)
+    train = [line for line in train_file.read_text().split("\n") if line]
     validation_lines = [line for line in validation_file.read_text().split("\n") if line]
-    finetune = {p.text for p in prompt_set("finetune", 40)}
-    heldout = {p.text for p in prompt_set("heldout", 50, cycle=True)}
-    assert len(validation_lines) == 100 and set(validation_lines) == set(captions)
-    assert set(captions) <= finetune and not set(captions) & train and not set(captions) & heldout
-    assert train <= finetune and len(train) > 2 * len(captions)
+    chosen, held = validation_pairings(0), heldout_pairings(0)
+    assert len(validation_lines) == 300 and set(validation_lines) == set(captions)
+    assert all(world_prompt(c).spec.pairings() & chosen for c in captions)
+    assert not any(world_prompt(c).spec.pairings() & (chosen | held) for c in train)
+    assert {p.category for p in prompt_set("validation", 50, cycle=True)} == set(CATEGORIES)
+    assert [p.text for p in prompt_set("validation", 50, cycle=True)] == validation_lines
+    assert len(train) >= 100 and not set(train) & set(captions)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

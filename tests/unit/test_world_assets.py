@@ -14,7 +14,7 @@ from engine.rewards import load_reward
 from engine.world.build_reward import hard_negatives
 from engine.world.evaluate import evaluate_model, generate, prompt_set, world_prompt
 from engine.world.paths import MODEL_DIR
-from engine.world.scenes import CATEGORIES, render
+from engine.world.scenes import CATEGORIES, COLORS, SHAPES, render
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,34 @@ def test_prompt_sets_cover_every_category_and_respect_the_split():
     assert world_prompt("a photo of a cat") is None
     with pytest.raises(ValueError, match="split='test'"):
         prompt_set("test", 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_validation_split_mirrors_the_test_inside_the_fine_tuning_split(seed):
+    """Validation pairings: one per shape, three colours, none held out; the train and validation splits partition
+    the fine-tuning split by them, and validation has every category, as the held-out test has."""
+    from engine.world.scenes import heldout_pairings, make_prompts, validation_pairings
+
+    chosen = validation_pairings(seed)
+    assert len(chosen) == 3 and sorted(s for _, s in chosen) == sorted(SHAPES)
+    assert len({c for c, _ in chosen}) == 3 and not chosen & heldout_pairings(seed)
+    train, validation = prompt_set("train", 10**6, seed), prompt_set("validation", 10**6, seed)
+    finetune = make_prompts(seed).finetune
+    assert {p.spec for p in train} | {p.spec for p in validation} == {p.spec for p in finetune}
+    assert not {p.text for p in train} & {p.text for p in validation}
+    assert all(p.spec.pairings() & chosen for p in validation)
+    assert not any(p.spec.pairings() & chosen for p in train)
+    assert {p.category for p in validation} == {p.category for p in train} == set(CATEGORIES)
+    # Training keeps every colour and every shape, in 9 of the fine-tuning split's 12 pairings.
+    trained = set().union(*(p.spec.pairings() for p in train))
+    assert len(trained) == 9 and {c for c, _ in trained} == set(COLORS) and {s for _, s in trained} == set(SHAPES)
+
+
+def test_launch_evaluate_offers_every_world_split():
+    from engine.world.evaluate import SPLITS
+    from launch.evaluate import SPLITS as CLI_SPLITS
+
+    assert set(CLI_SPLITS) == set(SPLITS)
 
 
 def test_a_cycled_prompt_set_fills_every_category():
