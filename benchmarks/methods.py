@@ -1,9 +1,9 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
 The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 3,
-pre-registered on 2026-12-05 (the commit that sets ``PROTOCOL["version"] = 3``); version 2 ran from the clean tree at
-``d35fba3`` in 85.3 min (``results/methods_cpu_v2.md``), version 1 from ``c2a5b0a`` in 87.8 min
-(``results/methods_cpu.md``).**
+pre-registered on 2026-12-05 in ``c49e509`` and run from that clean tree in 90.9 min (``results/methods_cpu_v3.md``);
+version 2 ran from the clean tree at ``d35fba3`` in 85.3 min (``results/methods_cpu_v2.md``), version 1 from
+``c2a5b0a`` in 87.8 min (``results/methods_cpu.md``).**
 
 *Version 1* (``c2a5b0a``, run from that clean tree in 87.8 min: ``results/methods_cpu.md``) used AdamW with eps 1e-2
 and lr ∈ {1e-3, 2e-3} for every objective. With eps that large AdamW is momentum SGD, and with the gradient clipped
