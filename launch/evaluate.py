@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from engine.config import ConfigError  # noqa: E402
+from engine.world.scenes import SPLITS  # noqa: E402
 
 DTYPES = ("fp32", "bf16")
-SPLITS = ("heldout", "finetune", "train", "validation")  # engine.world.evaluate.SPLITS (a test checks they agree)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -14,13 +14,9 @@ from pathlib import Path
 import torch
 
 from engine.world.judge import evaluate
-from engine.world.scenes import CATEGORIES, Prompt, all_prompts, make_prompts, validation_pairings
+from engine.world.scenes import CATEGORIES, SPLITS, Prompt, all_prompts, make_prompts, validation_pairings
 
 SPLIT_SEED = 0  # the held-out pairings of the embedded world (make_prompts(0))
-# "finetune": the fine-tuning split; "heldout": the test (pairings fine-tuning never sees); "train" and "validation":
-# the fine-tuning split without and with the validation pairings (scenes.validation_pairings), for choosing
-# hyper-parameters on pairings a run never trains on, as the test's are.
-SPLITS = ("finetune", "heldout", "train", "validation")
 
 
 @functools.cache
@@ -49,13 +45,10 @@ def prompt_set(split: str, per_category: int, seed: int = SPLIT_SEED, cycle: boo
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
     split_prompts = make_prompts(seed)
-    if split == "heldout":
-        pool = split_prompts.heldout
-    else:
-        validation = validation_pairings(seed)
-        keep = {"finetune": lambda p: True, "train": lambda p: not p.spec.pairings() & validation,
-                "validation": lambda p: bool(p.spec.pairings() & validation)}[split]  # fmt: skip
-        pool = tuple(p for p in split_prompts.finetune if keep(p))
+    pool = split_prompts.heldout if split == "heldout" else split_prompts.finetune
+    if split in ("train", "validation"):
+        carved = validation_pairings(seed)
+        pool = tuple(p for p in pool if bool(p.spec.pairings() & carved) == (split == "validation"))
     chosen: list[Prompt] = []
     for category in CATEGORIES:
         members = [p for p in pool if p.category == category]

@@ -193,6 +193,12 @@ def heldout_pairings(seed: int) -> frozenset[tuple[str, str]]:
     )
 
 
+# "finetune": the fine-tuning split; "heldout": the test (pairings fine-tuning never sees); "train" and "validation":
+# the fine-tuning split without and with the validation pairings (validation_pairings), for choosing
+# hyper-parameters on pairings a run never trains on, as the test's are (engine.world.evaluate.prompt_set).
+SPLITS = ("finetune", "heldout", "train", "validation")
+
+
 def validation_pairings(seed: int) -> frozenset[tuple[str, str]]:
     """Three pairings that ``heldout_pairings(seed)`` leaves to fine-tuning, one per shape, each with a held-out
     colour: the first held-out colour of each shape moves to the next shape. Carving the fine-tuning prompts that use

@@ -110,11 +110,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from launch.train import shut_down  # the entry point's own exit: no gloo thread outlives the interpreter
+    from launch.train import run_then_shut_down  # the entry point's own exit: no gloo thread outlives the interpreter
 
-    finished = False
-    try:
-        main(sys.argv[1:])
-        finished = True
-    finally:
-        shut_down(finished)
+    run_then_shut_down(main, sys.argv[1:])
