@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from launch.train import init_distributed
+    from launch.train import init_distributed, shut_down
 
     init_distributed(cfg.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        dist.destroy_process_group()
+        shut_down(finished=False)  # no barrier: a rank that failed may have left its peer alone
     return 0
 
 

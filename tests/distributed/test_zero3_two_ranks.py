@@ -72,11 +72,15 @@ def test_two_rank_zero3_matches_one_process(tiny_flux_dir, tmp_path):
         "logging.tensorboard=false",
     ]
     two, one = tmp_path / "two_ranks", tmp_path / "one_process"
-    launcher = [shutil.which("deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
+    port = free_port()
+    launcher = [shutil.which("deepspeed"), "--num_accelerators", "2", "--master_port", str(port)]
     run(
         [*launcher, "launch/train.py", "--deepspeed", str(ds_config(tmp_path / "mb1.json", 1)), f"output_dir={two}"]
         + overrides
     )
+    # DeepSpeed's CPU all-reduce leaves a 69 MB /dev/shm file per rank and run; the ranks remove theirs on the way out.
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"shared memory left behind by the run: {[p.name for p in left]}"
     run(
         [
             sys.executable,
