@@ -79,7 +79,9 @@ class Trainer:
         self.ema = None
         if cfg.optim.ema_decay is not None:
             # After deepspeed.initialize: the EMA averages the optimizer's fp32 masters, kept where they live.
-            self.ema = ShardedEMA(self.trainable, cfg.optim.ema_decay, self.rank, self.world_size)
+            self.ema = ShardedEMA(
+                self.trainable, cfg.optim.ema_decay, self.rank, self.world_size, warmup=cfg.optim.ema_warmup
+            )
         self.step = 0
         self.skipped_steps = 0
         self.bad_in_a_row = 0

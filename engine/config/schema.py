@@ -136,6 +136,7 @@ class OptimConfig(Section):
     lora_alpha: float | None = setting(None, "LoRA scale numerator; null = lora_rank (scale 1)")
     lora_targets: list[str] = setting(["to_q", "to_k", "to_v", "to_out.0"], "module-name suffixes that get LoRA")
     ema_decay: float | None = setting(0.995, "EMA decay of the trained weights in (0, 1); null = no EMA (paper: 0.995)")
+    ema_warmup: bool = setting(False, "ramp the EMA decay as min(ema_decay, (1+n)/(10+n)) at update n (Flow-GRPO)")
     max_consecutive_bad_steps: int = setting(5, "stop after this many consecutive non-finite loss/grad steps")
     seed: int = setting(0, "base seed: noise per rank, anchor draws shared by every rank")
 

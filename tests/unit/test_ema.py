@@ -57,3 +57,29 @@ def test_state_dict_round_trip_and_mismatch_error():
     other = ShardedEMA([torch.nn.Parameter(torch.randn(5))], 0.99, 0, 1)
     with pytest.raises(ValueError, match="does not match"):
         other.load_state_dict(a.state_dict())
+
+
+def test_warmup_ramps_the_decay_and_survives_a_resume():
+    """With warm-up the n-th update (from 0) uses min(decay, (1+n)/(10+n)), so the initial weights' share of the
+    average falls as a product of those decays; a resumed EMA continues the ramp where it stopped."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(6))
+    ema = ShardedEMA([param], 0.99, 0, 1, warmup=True)
+    plain = ShardedEMA([param], 0.99, 0, 1)
+    reference, initial_share = param.detach().clone(), 1.0
+    for n in range(40):
+        if n == 20:  # resume half-way: a fresh EMA loaded from the state continues identically
+            state = ema.state_dict()
+            ema = ShardedEMA([param], 0.99, 0, 1, warmup=True)
+            ema.load_state_dict(state)
+        with torch.no_grad():
+            param.add_(torch.randn_like(param))
+        decay = min(0.99, (1 + n) / (10 + n))
+        assert ema.current_decay() == decay and plain.current_decay() == 0.99
+        reference = decay * reference + (1 - decay) * param.detach()
+        initial_share *= decay
+        ema.update()
+        plain.update()
+    torch.testing.assert_close(ema.shards[0], reference)
+    assert initial_share < 1e-4  # without warm-up it is 0.99**40 ≈ 0.67
+    assert not torch.allclose(plain.shards[0], reference)
