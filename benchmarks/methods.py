@@ -1,7 +1,8 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
 The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 4,
-pre-registered on 2026-12-05 (fourth session) in the commit that adds its paragraph below, not yet run; version 3 ran
+pre-registered on 2026-12-05 in ``dfaf372`` and run from that clean tree in 97.1 min (``results/methods_cpu_v4.md``:
+LeapAlign +0.090 ± 0.008, the best of the five methods, short of +0.10); version 3 ran
 from the clean tree at ``c49e509`` in 90.9 min (``results/methods_cpu_v3.md``), version 2 from ``d35fba3`` in
 85.3 min (``results/methods_cpu_v2.md``), version 1 from ``c2a5b0a`` in 87.8 min (``results/methods_cpu.md``).**
 
