@@ -149,20 +149,15 @@ def shut_down(finished: bool) -> None:
         dist.barrier()
     rank = dist.get_rank()
     dist.destroy_process_group()
-    remove_shared_memory_buffer(rank)
+    _remove_shared_memory_buffer(rank)
 
 
-def shared_memory_buffer(rank: int) -> Path:
-    """The shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` (its ``shm_initialize`` names it from
-    the user id, ``MASTER_ADDR`` and ``MASTER_PORT``) and never removes: 69 MB a rank, per run."""
+def _remove_shared_memory_buffer(rank: int) -> None:
+    """Unlink the shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` and never removes (69 MB a rank,
+    per run; its ``shm_initialize`` names it from the user id, ``MASTER_ADDR`` and ``MASTER_PORT``). Peers that mapped
+    it keep their mapping (only the name goes), so this is safe whatever state they are in."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def remove_shared_memory_buffer(rank: int) -> None:
-    """Unlink this rank's buffer once its group is gone. Peers that mapped it keep their mapping (only the name goes),
-    so this is safe whatever state they are in; without it /dev/shm fills run by run until the machine kills jobs."""
-    shared_memory_buffer(rank).unlink(missing_ok=True)
+    (Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def run_then_shut_down(entry, argv: list[str]) -> None:
