@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.rollout import sample
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        from engine.host import keep_heap_warm
+
+        keep_heap_warm()
     start = time.perf_counter()
     adapter, folder, weights_dtype = load_adapter(args, device)
     seeds = [args.seed + i for i in range(len(prompts))]

@@ -142,21 +142,41 @@ def parse(prompt: str) -> _Caption:
 
 
 @functools.lru_cache(maxsize=8)
-def _templates(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Inside and window kernels ``[S·D, 1, W, W]`` (shape-major), their pixel counts, the window side W, sides D."""
+def _templates(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
+    """The template kernels ``[S·D + D, 1, W, W]``: the S·D inside masks (shape-major), then the D windows (one per
+    side; every shape of a side shares its window); inside and outside pixel counts ``[S·D]``; W, S, D."""
     scale = size / _BASE_SIZE
     sides = range(round(_SIDES[0] * scale), round(_SIDES[1] * scale) + 1)
     window = sides[-1] + 2
     inside = torch.zeros(len(SHAPES) * len(sides), 1, window, window)
-    frame = torch.zeros_like(inside)
-    for i, shape in enumerate(SHAPES):
-        for j, side in enumerate(sides):
-            k = i * len(sides) + j
-            inside[k, 0, 1 : side + 1, 1 : side + 1] = torch.from_numpy(shape_mask(shape, side)).float()
-            frame[k, 0, : side + 2, : side + 2] = 1.0
+    frame = torch.zeros(len(sides), 1, window, window)
+    for j, side in enumerate(sides):
+        frame[j, 0, : side + 2, : side + 2] = 1.0
+        for i, shape in enumerate(SHAPES):
+            mask = torch.from_numpy(shape_mask(shape, side)).float()
+            inside[i * len(sides) + j, 0, 1 : side + 1, 1 : side + 1] = mask
     n_in = inside.sum((1, 2, 3))
-    n_out = frame.sum((1, 2, 3)) - n_in
-    return inside, frame, n_in, n_out, window, len(sides)
+    n_out = frame.sum((1, 2, 3)).repeat(len(SHAPES)) - n_in
+    return torch.cat([inside, frame]), n_in, n_out, window, len(SHAPES), len(sides)
+
+
+class _Correlate(torch.autograd.Function):
+    """``F.conv2d(maps, kernels)`` for single-channel maps ``[N, 1, H, W]``, whose input gradient is computed as a
+    depthwise convolution of the padded output gradient with the flipped kernels, summed over kernels: the same
+    adjoint as autograd's, but oneDNN's ``convolution_backward`` for one input channel is about 13× slower than the
+    forward on CPU (36 → 10 ms for one batch of 8 world images). The kernels are constants (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, maps: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(kernels)
+        return F.conv2d(maps, kernels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (kernels,) = ctx.saved_tensors
+        kh, kw = kernels.shape[-2:]
+        padded = F.pad(grad, (kw - 1, kw - 1, kh - 1, kh - 1))
+        return F.conv2d(padded, kernels.flip(-1, -2), groups=kernels.shape[0]).sum(1, keepdim=True), None
 
 
 def soft_colors(images: torch.Tensor) -> torch.Tensor:
@@ -172,15 +192,16 @@ def match_maps(images: torch.Tensor, *inside_powers: int) -> tuple[torch.Tensor,
     """Template matches ``[B, colours, shapes, H, W]``, one per inside power (the colour masks and convolutions are
     shared): best over sides, positions = window top-left corners."""
     batch, _, height, width = images.shape
-    inside, frame, n_in, n_out, window, n_sides = _templates(height)
-    inside, frame, n_in, n_out = (t.to(images.device) for t in (inside, frame, n_in, n_out))
+    kernels, n_in, n_out, window, n_shapes, n_sides = _templates(height)
+    kernels, n_in, n_out = (t.to(images.device) for t in (kernels, n_in, n_out))
     masks = soft_colors(images)[:, 1 : 1 + len(COLORS)]  # [B, 6, H, W]
     padded = F.pad(masks, (0, window - 1, 0, window - 1)).reshape(batch * len(COLORS), 1, height + window - 1, -1)
-    in_sum = F.conv2d(padded, inside)  # [B·6, S·D, H, W]
-    win_sum = F.conv2d(padded, frame)
+    sums = _Correlate.apply(padded, kernels)  # [B·6, S·D + D, H, W]
+    in_sum = sums[:, : n_shapes * n_sides]
+    win_sum = sums[:, n_shapes * n_sides :].repeat(1, n_shapes, 1, 1)
     inside_mean = in_sum / n_in[:, None, None]
     outside_clear = 1.0 - (win_sum - in_sum) / n_out[:, None, None]
-    shape = (batch, len(COLORS), len(SHAPES), n_sides, height, width)
+    shape = (batch, len(COLORS), n_shapes, n_sides, height, width)
     return tuple((inside_mean**power * outside_clear).reshape(shape).amax(3) for power in inside_powers)
 
 
@@ -201,15 +222,15 @@ def _peaks(
     """Greedy non-maximum suppression on one ``[H, W]`` map: n values (differentiable), their positions and the
     suppressed area; ``blocked`` marks positions already taken (by peaks found on another map)."""
     blocked = torch.zeros_like(quality, dtype=torch.bool) if blocked is None else blocked.clone()
-    values, places = [], []
+    detached = quality.detach()
+    indices, places = [], []
     for _ in range(n):
-        flat = quality.masked_fill(blocked, float("-inf")).flatten()
-        index = int(flat.argmax())
+        index = int(detached.masked_fill(blocked, float("-inf")).argmax())
         y, x = divmod(index, quality.shape[1])
-        values.append(quality[y, x])
+        indices.append(index)
         places.append((y, x))
         blocked[max(0, y - radius + 1) : y + radius, max(0, x - radius + 1) : x + radius] = True
-    return torch.stack(values), places, blocked
+    return quality.flatten()[torch.tensor(indices, device=quality.device)], places, blocked
 
 
 def _softmin(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -241,13 +262,11 @@ def score_one(
     maps = [_object_map(quality, obj) for obj in caption.objects]
     if caption.relation is not None:
         (va, pa, _), (vb, pb, _) = (_peaks(m, PAIR_CANDIDATES, radius // 2) for m in maps)
-        pairs = [
-            _softmin(va[i], vb[j])
-            for i in range(len(pa))
-            for j in range(len(pb))
-            if _holds(pa[i], pb[j], caption.relation, margin=radius / 2)
-        ]
-        return torch.stack(pairs).max() if pairs else 0.0 * (va.sum() + vb.sum())
+        holds = [[_holds(a, b, caption.relation, margin=radius / 2) for b in pb] for a in pa]
+        if not any(map(any, holds)):
+            return 0.0 * (va.sum() + vb.sum())
+        pairs = _softmin(va[:, None].expand(-1, len(pb)), vb[None, :].expand(len(pa), -1))  # [i, j], all at once
+        return pairs[torch.tensor(holds, device=pairs.device)].max()
     scores = []
     for obj, quality_map in zip(caption.objects, maps):
         if caption.counting:
