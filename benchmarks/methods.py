@@ -1,11 +1,12 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
 The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 5,
-pre-registered on 2026-12-05 (its results commit names the tree it ran from); version 4 ran from the clean tree at
-``dfaf372`` in 97.1 min (``results/methods_cpu_v4.md``: LeapAlign +0.090 ± 0.008, the best of the five methods,
-short of +0.10); version 3 ran from the clean tree at ``c49e509`` in 90.9 min (``results/methods_cpu_v3.md``),
-version 2 from ``d35fba3`` in 85.3 min (``results/methods_cpu_v2.md``), version 1 from ``c2a5b0a`` in 87.8 min
-(``results/methods_cpu.md``).**
+pre-registered on 2026-12-05 in ``6803d2d`` and run from that clean tree in 91.6 min (``results/methods_cpu_v5.md``:
+LeapAlign +0.092 ± 0.017, the best of the five methods; LeapAlign with 3 leaps +0.115 ± 0.011); version 4 ran from
+the clean tree at ``dfaf372`` in 97.1 min (``results/methods_cpu_v4.md``: LeapAlign +0.090 ± 0.008, the best of the
+five methods, short of +0.10); version 3 ran from the clean tree at ``c49e509`` in 90.9 min
+(``results/methods_cpu_v3.md``), version 2 from ``d35fba3`` in 85.3 min (``results/methods_cpu_v2.md``), version 1
+from ``c2a5b0a`` in 87.8 min (``results/methods_cpu.md``).**
 
 *Version 1* (``c2a5b0a``, run from that clean tree in 87.8 min: ``results/methods_cpu.md``) used AdamW with eps 1e-2
 and lr ∈ {1e-3, 2e-3} for every objective. With eps that large AdamW is momentum SGD, and with the gradient clipped
