@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from engine.host import keep_heap_warm
 from engine.models.kinds import model_kind
 from engine.models.partitioned import build_partitioned
 from engine.parallelize import apply_activation_checkpointing, apply_attention_backend, apply_lora
@@ -89,5 +88,4 @@ def rank_device(world_size: int) -> torch.device:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1) // local_world
     torch.set_num_threads(max(1, threads))
-    keep_heap_warm()  # activations live in host memory here: stop paying page faults for them every step
     return torch.device("cpu")

@@ -5,7 +5,10 @@ at the top of the heap back to the kernel (``M_TRIM_THRESHOLD``) and grows it ag
 (``M_TOP_PAD`` = 128 KiB), so each step pays the kernel to zero fresh pages: on the embedded world's LeapAlign step
 (2 CPU cores) that is ~4.8M minor page faults per 40 steps and half of the gradient pass's time. Padding every heap
 growth by ``HEAP_PAD`` keeps those pages mapped; it changes no value (allocation only), and the extra resident memory
-is bounded by the pad (about +0.1 GB measured). GPU ranks skip it (their activations live on the device).
+is bounded by the pad (about +0.1 GB measured). ``Trainer.train`` applies it on CPU ranks just before the first
+step, not at start-up: start-up's transients (the text phase, zero.Init) still go back to the system, so host memory
+after start-up stays flat in the number of prompts (``tests/distributed/test_partitioned_loading.py``). GPU ranks skip
+it (their activations live on the device).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from engine.config import TrainConfig, deepspeed_precision, save_config
 from engine.data import PromptOrder, run_prompts
 from engine.ema import ShardedEMA
 from engine.evaluation import write_evaluation
+from engine.host import keep_heap_warm
 from engine.metrics import MetricsLog, StepTimer, mean_over_ranks, peak_memory
 from engine.models.kinds import model_kind
 from engine.models.partitioned import fix_mmap_threshold
@@ -214,6 +215,10 @@ class Trainer:
                           self.out)  # fmt: skip
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        if self.device.type == "cpu":
+            # From here on every step frees and re-allocates the same activations in host memory: keep them mapped.
+            # Not earlier: start-up's transients (text phase, loading) are returned to the system as before.
+            keep_heap_warm()
         progress = None
         if self.rank == 0 and cfg.logging.progress:
             from tqdm.auto import tqdm
