@@ -216,9 +216,7 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
         if self.device.type == "cpu":
-            # From here on every step frees and re-allocates the same activations in host memory: keep them mapped.
-            # Not earlier: start-up's transients (text phase, loading) are returned to the system as before.
-            keep_heap_warm()
+            keep_heap_warm()  # from the first step on, not at start-up (engine/host.py)
         progress = None
         if self.rank == 0 and cfg.logging.progress:
             from tqdm.auto import tqdm
