@@ -28,10 +28,9 @@ from engine.config import TrainConfig, deepspeed_precision, save_config
 from engine.data import PromptOrder, run_prompts
 from engine.ema import ShardedEMA
 from engine.evaluation import write_evaluation
-from engine.host import keep_heap_warm
+from engine.host import fix_mmap_threshold, keep_heap_warm
 from engine.metrics import MetricsLog, StepTimer, mean_over_ranks, peak_memory
 from engine.models.kinds import model_kind
-from engine.models.partitioned import fix_mmap_threshold
 from engine.objectives import Objective, StepBatch, build_objective
 from engine.parallelize import hook_free_twin
 from engine.rewards import REGISTRY
@@ -215,8 +214,7 @@ class Trainer:
                           self.out)  # fmt: skip
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
-        if self.device.type == "cpu":
-            keep_heap_warm()  # from the first step on, not at start-up (engine/host.py)
+        keep_heap_warm(self.device)  # CPU ranks, from the first step on, not at start-up (engine/host.py)
         progress = None
         if self.rank == 0 and cfg.logging.progress:
             from tqdm.auto import tqdm

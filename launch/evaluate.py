@@ -142,15 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.evaluation import write_evaluation
+    from engine.host import keep_heap_warm
     from engine.images import save_images
     from engine.rewards import load_reward
     from engine.rollout import sample
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        from engine.host import keep_heap_warm
-
-        keep_heap_warm()
+    keep_heap_warm(device)
     start = time.perf_counter()
     adapter, folder, weights_dtype = load_adapter(args, device)
     seeds = [args.seed + i for i in range(len(prompts))]

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.host import fix_mmap_threshold
 from engine.models import loading
 from engine.models.safetensors_io import SafetensorsError, TensorInfo, read_tensor
 
@@ -59,28 +60,6 @@ def build_partitioned(model_cls: type, folder: str | Path, ds_config: dict, dtyp
     read = load_partitions(model, folder)
     logger.info("%s built partitioned; this rank read %.1f MB of %s", model_cls.__name__, read / 2**20, folder)
     return model.eval()
-
-
-def fix_mmap_threshold(threshold: int = 128 * 1024) -> None:
-    """Keep glibc's mmap threshold fixed (Linux; a no-op elsewhere), for the whole process.
-
-    Start-up allocates and frees many large blocks: ``zero.Init`` creates each parameter whole, then keeps only its
-    partition; the text phase encodes shard after shard. glibc raises its mmap threshold each time a large mmapped
-    block is freed, so later blocks come from the heap, and the freed ones stay in the process: measured +92 MiB
-    of host RSS per rank on a 466 MiB model (2 ranks), none of it in use. A fixed threshold sends every large block
-    back to the system when it is freed.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also disables the dynamic adjustment
-    except (OSError, AttributeError):
-        return
 
 
 @torch.no_grad()

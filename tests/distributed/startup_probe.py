@@ -88,10 +88,10 @@ def main(argv: list[str]) -> None:
         "partitions_ok": partitions_ok,
         "prompts": len(trainer.prompts),
     }
-    if steps and trainer.device.type == "cpu":
+    if steps:
         from engine.host import keep_heap_warm
 
-        keep_heap_warm()  # as Trainer.train does before its first step on a CPU rank
+        keep_heap_warm(trainer.device)  # as Trainer.train does before its first step
     for _ in range(steps):
         trainer.train_step()
     report["rss_after_steps"] = status("VmRSS")
