@@ -18,6 +18,7 @@ from benchmarks.methods import (
     method_overrides,
     objective_of,
     paired_table,
+    reward_override,
     split_prompts,
     table,
 )
@@ -162,3 +163,11 @@ def test_fitted_rise_is_the_least_squares_line_over_the_run():
     assert fitted_rise(0.4 + 0.001 * steps) == pytest.approx(0.063)
     assert fitted_rise(np.full(64, 0.4)) == pytest.approx(0.0, abs=1e-12)
     assert fitted_rise(0.4 + 0.001 * steps + noise) == pytest.approx(0.063, abs=0.03)
+
+
+def test_reward_override_sets_the_protocols_hinge_for_every_method():
+    from engine.config import load_config  # noqa: PLC0415
+
+    cfg = load_config(None, [reward_override("world_scene", PROTOCOL["lam"])])
+    assert [(r.name, r.lam) for r in cfg.rewards] == [("world_scene", PROTOCOL["lam"])]
+    assert all("rewards" not in o for name in METHODS for o in method_overrides(name, PROTOCOL["rollout_steps"]))
