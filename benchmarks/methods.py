@@ -1,8 +1,9 @@
 """LeapAlign against its baselines and its own ablations, in the embedded world, judged by an exact evaluator.
 
 The protocol (fixed in a commit before the ranking runs; ``PROTOCOL`` holds every number). **Status: version 6,
-pre-registered on 2026-12-05 (seventh session) in the commit that adds this paragraph, run from that clean tree
-(``results/methods_cpu_v6.md``); version 5 ran from the clean tree at ``6803d2d`` in 91.6 min
+pre-registered on 2026-12-05 in ``9d4832e`` and run from that clean tree in 89.4 min (``results/methods_cpu_v6.md``:
+LeapAlign +0.080 ± 0.048, the best of the five methods; 3 leaps +0.101 ± 0.010; λ 0.7 against version 5's λ 1,
+paired over all 36 runs: −0.010 ± 0.009 on the test); version 5 ran from the clean tree at ``6803d2d`` in 91.6 min
 (``results/methods_cpu_v5.md``: LeapAlign +0.092 ± 0.017, the best of the five methods; LeapAlign with 3 leaps
 +0.115 ± 0.011); version 4 from ``dfaf372`` in 97.1 min (``results/methods_cpu_v4.md``: LeapAlign +0.090 ± 0.008);
 version 3 from ``c49e509`` in 90.9 min (``results/methods_cpu_v3.md``), version 2 from ``d35fba3`` in 85.3 min
@@ -553,6 +554,13 @@ def plot(summaries: list[dict], methods: list[str], base: dict, path: Path) -> N
     plt.close(fig)
 
 
+def result_rows(summaries: list[dict], env: dict) -> list[dict]:
+    """One JSONL row per run: the run's summary (without its per-step curves) stamped with device, versions and
+    commit. The run's own fields win: ``threads`` is the run's, not this process's (versions 5 and 6 wrote this
+    process's 2 where each run had 1)."""
+    return [env | {k: v for k, v in s.items() if k not in ("train_reward", "grad_norm")} for s in summaries]
+
+
 def _longest_first(jobs: list[tuple]) -> list[tuple]:
     return sorted(jobs, key=lambda job: -RELATIVE_COST.get(job[0], 1.0))  # stable: the given order within a cost
 
@@ -636,7 +644,7 @@ def main(argv=None) -> int:
     wall = time.time() - started
 
     env = stamp(device)
-    rows = [{k: v for k, v in s.items() if k not in ("train_reward", "grad_norm")} | env for s in selection + summaries]
+    rows = result_rows(selection + summaries, env)
     write_jsonl(args.out / f"methods_{tag}.jsonl", rows)
     images = 6 * args.test_per_category
     header = (

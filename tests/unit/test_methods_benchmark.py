@@ -18,6 +18,7 @@ from benchmarks.methods import (
     method_overrides,
     objective_of,
     paired_table,
+    result_rows,
     reward_override,
     split_prompts,
     table,
@@ -171,3 +172,10 @@ def test_reward_override_sets_the_protocols_hinge_for_every_method():
     cfg = load_config(None, [reward_override("world_scene", PROTOCOL["lam"])])
     assert [(r.name, r.lam) for r in cfg.rewards] == [("world_scene", PROTOCOL["lam"])]
     assert all("rewards" not in o for name in METHODS for o in method_overrides(name, PROTOCOL["rollout_steps"]))
+
+
+def test_result_rows_keep_each_runs_own_threads_and_drop_the_curves():
+    summary = _summary("LeapAlign", 0, 0.2, 0.5) | {"threads": 1, "train_reward": [0.1], "grad_norm": [2.0]}
+    (row,) = result_rows([summary], {"threads": 2, "commit": "abc", "device": "cpu"})
+    assert row["threads"] == 1 and row["commit"] == "abc" and row["method"] == "LeapAlign"
+    assert "train_reward" not in row and "grad_norm" not in row
