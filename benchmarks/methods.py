@@ -94,14 +94,15 @@ objective, optimizer, EMA 0.99, seeds, data, test), at about version 4's cost, b
 *Version 6* changes one number of version 5, the reward's hinge: **λ = 0.7** instead of 1.0 for every method (every
 objective's loss is max(0, λ − r); with λ = 1 no sample of ``world_scene`` ever leaves the loss; with 0.7 the
 samples scored above 0.7 stop pulling the model — on the validation captions the base model's judge-accepted images
-score 0.60 on average, the rejected 0.22 — as the paper's λ 13.5 does for HPSv3's best samples). Everything else is version 5's (reward version 2, 224 × 16, T = 12, lr 1e-4, EMA
-0.99, seeds 0–2, data, test). Chosen on the **validation captions only** (round 12 of the probe file; LeapAlign, 300
-images, base 0.580), among five changes to version 5's LeapAlign run, by the mean validation judge over seeds:
-λ 1 (version 5) 0.700 / 0.677 / 0.663 (seeds 0–2, mean 0.680); **λ 0.7 0.693 / 0.707 / 0.710 (mean 0.703)**;
-lr 2e-4 0.660, EMA decay 0.995 0.697, two anchor draws per rollout 0.677 (seed 0 each). The validation captions
-would not have picked 3 leaps (seed 0: 0.653), which gained the most on version 5's test. λ is chosen with LeapAlign
-runs and applied to every method, as the EMA decay and the budget were in versions 2–5; the baselines may prefer
-another λ, and this benchmark does not measure that. Estimated wall time as version 5 (≈ 92 minutes).
+score 0.60 on average, the rejected 0.22 — as the paper's λ 13.5 does for HPSv3's best samples). Everything else is
+version 5's (reward version 2, 224 × 16, T = 12, lr 1e-4, EMA 0.99, seeds 0–2, data, test). Chosen on the
+**validation captions only** (round 12 of the probe file; LeapAlign, 300 images, base 0.580), among five changes to
+version 5's LeapAlign run, by the mean validation judge over seeds: λ 1 (version 5) 0.700 / 0.677 / 0.663 (seeds
+0–2, mean 0.680); **λ 0.7 0.693 / 0.707 / 0.710 (mean 0.703)**; lr 2e-4 0.660, EMA decay 0.995 0.697, two anchor
+draws per rollout 0.677 (seed 0 each). The validation captions would not have picked 3 leaps (seed 0: 0.653), which
+gained the most on version 5's test. λ is chosen with LeapAlign runs and applied to every method, as the EMA decay
+and the budget were in versions 2–5; the baselines may prefer another λ, and this benchmark does not measure that.
+Estimated wall time as version 5 (≈ 92 minutes).
 
 **Did every method optimise its reward?** The issue asks for a budget at which every method's training reward rises
 measurably. At 8 rollouts a step the per-step training reward is too noisy to show it: in the 128 × 8 probes its
