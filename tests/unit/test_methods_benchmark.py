@@ -23,6 +23,7 @@ from benchmarks.methods import (
     split_prompts,
     table,
 )
+from engine.config import load_config
 
 
 def test_mean_ci95_is_the_student_t_interval():
@@ -167,8 +168,6 @@ def test_fitted_rise_is_the_least_squares_line_over_the_run():
 
 
 def test_reward_override_sets_the_protocols_hinge_for_every_method():
-    from engine.config import load_config  # noqa: PLC0415
-
     cfg = load_config(None, [reward_override("world_scene", PROTOCOL["lam"])])
     assert [(r.name, r.lam) for r in cfg.rewards] == [("world_scene", PROTOCOL["lam"])]
     assert all("rewards" not in o for name in METHODS for o in method_overrides(name, PROTOCOL["rollout_steps"]))
