@@ -2,8 +2,11 @@
 
 Every refactor that claims "behaviour unchanged" is checked against it. The run: the embedded world's default
 (LeapAlign, world_clip) in one process, ZeRO-3, fp32 rollout, 4 steps of 8 sampling steps, micro batch 4.
-Tolerance: relative 1e-3 (absolute 1e-6 near zero). fp32 on CPU: a different CPU or BLAS build reorders sums at
-~1e-7 relative, which four Adam steps do not amplify to 1e-3; a changed computation moves these far more.
+Tolerance: relative 1e-3 for the loss and the reward, 1e-2 for the gradient norm (absolute 1e-6 near zero). fp32 on
+CPU is not bit-identical across CPUs: the same code on an Intel Xeon (AVX-512, AMX) and on the CPU that recorded the
+curve differs by up to 5e-5 in the first step's reward (before any update: the rollout and the reward's kernels
+reorder their sums), 1.5e-4 in the loss and 2.6e-3 in the gradient norm (measured 2026-12-05 on unchanged code).
+A changed computation moves the loss and the reward far more than 1e-3.
 Regenerate (after an intended change, saying why in the commit): ``LEAPALIGN_UPDATE_GOLDEN=1 pytest <this file>``.
 """
 
@@ -21,6 +24,7 @@ from tests.distributed.test_zero3_two_ranks import run
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "assets" / "golden_curve.json"
 KEYS = ("step", "loss", "reward_mean", "grad_norm")
+RELATIVE_TOLERANCE = {"loss": 1e-3, "reward_mean": 1e-3, "grad_norm": 1e-2}  # see the module docstring
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -50,4 +54,5 @@ def test_fixed_seed_tiny_run_follows_the_golden_curve(tmp_path):
     assert [row["step"] for row in curve] == [row["step"] for row in golden] == [1, 2, 3, 4]
     for got, want in zip(curve, golden, strict=True):
         for key in KEYS[1:]:
-            assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-6), (got["step"], key, got, want)
+            rel = RELATIVE_TOLERANCE[key]
+            assert got[key] == pytest.approx(want[key], rel=rel, abs=1e-6), (got["step"], key, got, want)
