@@ -4,6 +4,7 @@ rectified flow on the scenes, and a tiny open_clip CLIP reward trained contrasti
     python -m engine.world.build vae      # ~6 min on 2 CPU cores
     python -m engine.world.build model    # ~13 min: text encoders + transformer, 2600 steps (needs the VAE)
     python -m engine.world.build model --resume --steps 3400   # ~20 min: run 4 times (rounds 2–5)
+    python -m engine.world.build model --resume --blocks 3 3 --steps 3400   # grow to 3+3 blocks, then a round
     python -m engine.world.build reward   # ~5 min: the CLIP reward
     python -m engine.world.build all
 
@@ -18,7 +19,8 @@ weights untouched) and records its settings, wall time, device, versions and com
   (a word-level sentencepiece vocabulary of the world's 26 words, 12 tokens a prompt, 32-d). Random frozen encoders
   still give every word and position a distinct code; the transformer learns to read it.
 - Transformer: ``FluxTransformer2DModel`` with 2 double-stream + 2 single-stream blocks, 4 heads × 32, no guidance
-  embedding (it is not guidance-distilled), FLUX's dynamic-shift scheduler. Trained with the rectified-flow loss
+  embedding (it is not guidance-distilled), FLUX's dynamic-shift scheduler (``--blocks`` sets other depths; with
+  ``--resume`` it grows the saved model, its new blocks starting as identities). Trained with the rectified-flow loss
   ‖v(x_t, t) − (ε − x_0)‖² at logit-normal times shifted as the sampler shifts them, on freshly rendered scenes
   from every prompt of the world (categories drawn uniformly), through the adapter's own ``velocity``; the saved
   weights are an EMA.
@@ -49,15 +51,14 @@ from tqdm import tqdm
 
 from engine.models.loading import strip_machine_paths
 from engine.world import build_reward
+from engine.world.components import grow, t5_word_order, text_components, world_captions, world_transformer, world_vae
 from engine.world.paths import ASSETS
 from engine.world.scenes import (
-    all_prompts,
     sample_dataset,
 )
 from engine.world.training import (
     IMAGE_SIZE,
     T5_MAX_LENGTH,
-    TEXT_DIM,
     cosine_lr,
     loss_curve,
     record_stage,
@@ -66,34 +67,6 @@ from engine.world.training import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def world_vae():
-    from engine.models.tiny import _vae
-
-    # Two blocks: scale factor 2 (32×32 pixels → 16×16 latents); scaling/shift are set after training.
-    return _vae(block_out_channels=(16, 32), norm_num_groups=8, mid_block_add_attention=False)
-
-
-def world_transformer():
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=TEXT_DIM,
-        guidance_embeds=False,
-        axes_dims_rope=[8, 12, 12],
-    )
-
-
-def world_captions() -> list[str]:
-    return sorted({p.text for prompts in all_prompts().values() for p in prompts})
 
 
 # ---------------------------------------------------------------------------------------------------------- VAE
@@ -158,21 +131,6 @@ def train_vae(
 # -------------------------------------------------------------------------------------------------- transformer
 
 
-def _text_components(workdir: Path, seed: int):
-    from transformers import CLIPTextModel
-
-    from engine.models.tiny import _clip_config, _clip_tokenizer, _t5_encoder, _t5_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = _clip_tokenizer(workdir)
-    tokenizer_2 = _t5_tokenizer(
-        workdir, world_captions(), vocab_size=32, model_max_length=T5_MAX_LENGTH, model_type="word"
-    )
-    text_encoder = CLIPTextModel(_clip_config(tokenizer, TEXT_DIM)).eval()
-    text_encoder_2 = _t5_encoder(tokenizer_2, TEXT_DIM).eval()
-    return tokenizer, tokenizer_2, text_encoder, text_encoder_2
-
-
 def pretrain_model(
     out: Path,
     steps: int = 2600,
@@ -183,12 +141,20 @@ def pretrain_model(
     ema_decay: float = 0.998,
     eval_per_category: int = 20,
     resume: bool = False,
+    blocks: tuple[int, int] | None = None,
+    t5_order_bias: float | None = None,
+    category_weights: dict[str, float] | None = None,
 ) -> dict:
     """Pretrains the world transformer on VAE latents of rendered scenes; writes the whole pipeline to ``out``.
 
     Needs ``out/vae`` (``train_vae``). The text encoders are built here from ``seed`` and frozen.
     ``resume``: continue from the transformer already in ``out`` (a second round: fresh scenes from a round-specific
     seed, a new warm-up and cosine schedule); ``TRAINING.json`` keeps every round's record.
+    ``blocks``: (double, single) blocks. From scratch, the transformer's depth; with ``resume``, the depth to grow the
+    saved transformer to before the round (``grow``: the new blocks start as identities).
+    ``t5_order_bias``: the scale of T5's random relative-position bias (``text_components``); None keeps the last
+    round's (1.0 from scratch). Changing it on ``resume`` changes the text features the transformer reads.
+    ``category_weights``: how often each category's scenes are drawn, relative to 1 (``sample_dataset``).
     """
     from diffusers import AutoencoderKL, FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -199,16 +165,25 @@ def pretrain_model(
     if not (out / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{out / 'vae'} holds no VAE; run `python -m engine.world.build vae` first")
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer, tokenizer_2, text_encoder, text_encoder_2 = _text_components(Path(scratch), seed)
-    torch.manual_seed(seed)
-    transformer = world_transformer()
     rounds: list[dict] = []
+    if resume:
+        rounds = json.loads((out / "TRAINING.json").read_text(encoding="utf-8")).get("rounds", [])
+    if t5_order_bias is None:
+        t5_order_bias = rounds[-1]["settings"].get("t5_order_bias", 1.0) if rounds else 1.0
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer, tokenizer_2, text_encoder, text_encoder_2 = text_components(Path(scratch), seed, t5_order_bias)
+    word_order = t5_word_order(text_encoder_2, tokenizer_2)
+    logger.info("T5 relative-position bias x%g: a noun's place read from its feature %.0f %% of the time",
+                t5_order_bias, 100 * word_order)  # fmt: skip
+    torch.manual_seed(seed)
+    transformer = world_transformer(*(blocks or (2, 2)))
     if resume:
         from diffusers import FluxTransformer2DModel
 
-        rounds = json.loads((out / "TRAINING.json").read_text(encoding="utf-8")).get("rounds", [])
         transformer = FluxTransformer2DModel.from_pretrained(out / "transformer")
+        if blocks is not None and blocks != (transformer.config.num_layers, transformer.config.num_single_layers):
+            torch.manual_seed(seed + len(rounds))
+            transformer = grow(transformer, *blocks)
     data_seed = seed + 303 + 1000 * len(rounds)
     adapter = FluxAdapter(
         transformer=transformer,
@@ -225,7 +200,7 @@ def pretrain_model(
     cond = adapter.encode_prompts(captions)
 
     logger.info("rendering %d scenes and encoding them", num_images)
-    images, prompts = sample_dataset(num_images, seed=data_seed, size=IMAGE_SIZE)
+    images, prompts = sample_dataset(num_images, seed=data_seed, size=IMAGE_SIZE, category_weights=category_weights)
     with torch.no_grad():
         z = torch.cat([vae.encode(c).latent_dist.mean for c in to_pixels(images).split(500)])
     latents = adapter.pack_latents((z - vae.config.shift_factor) * vae.config.scaling_factor)
@@ -288,7 +263,10 @@ def pretrain_model(
     report = evaluate_model(tmp, seed=0, per_category=eval_per_category)
     metrics = {"final_loss": float(np.mean(losses[-100:])), "loss_curve": loss_curve(losses), **report}
     settings = {"steps": steps, "batch": batch, "seed": seed, "lr": lr, "images": num_images, "ema": ema_decay,
-                "eval_per_category": eval_per_category, "data_seed": data_seed}  # fmt: skip
+                "eval_per_category": eval_per_category, "data_seed": data_seed,
+                "blocks": [transformer.config.num_layers, transformer.config.num_single_layers],
+                "t5_order_bias": t5_order_bias, "t5_word_order_probe": round(word_order, 3),
+                **({"category_weights": category_weights} if category_weights else {})}  # fmt: skip
     rounds.append({"settings": settings, "wall_seconds": round(seconds, 1), "judge": report["judge"]})
     total = {**settings, "steps": sum(r["settings"]["steps"] for r in rounds), "rounds": len(rounds)}
     record_stage(tmp, "model", total, sum(r["wall_seconds"] for r in rounds), metrics, rounds=rounds)
@@ -300,6 +278,17 @@ def pretrain_model(
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
+def _weights(pairs: Sequence[str]) -> dict[str, float] | None:
+    weights = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--category-weight {pair!r}: expected CATEGORY=NUMBER, e.g. position=5") from None
+    return weights or None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.world.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=["vae", "model", "reward", "all"])
@@ -308,6 +297,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count (smoke runs)")
     parser.add_argument("--images", type=int, default=None, help="override the stage's rendered images (smoke runs)")
     parser.add_argument("--resume", action="store_true", help="model: continue from the transformer in --out")
+    parser.add_argument(
+        "--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"), default=None,
+        help="model: the transformer's double- and single-stream blocks (default 2 2); with --resume, grow to them",
+    )  # fmt: skip
+    parser.add_argument(
+        "--t5-order-bias",
+        type=float,
+        default=None,
+        help="model: scale of T5's random relative-position bias (default: the last round's, else 1)",
+    )
+    parser.add_argument("--category-weight", action="append", default=[], metavar="CATEGORY=W",
+                        help="model: draw CATEGORY's scenes W times as often as the others' (repeatable)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -318,7 +319,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         size["num_images"] = args.images
     stages: dict[str, Callable[[], dict]] = {
         "vae": lambda: train_vae(args.out / "model", seed=args.seed, **size),
-        "model": lambda: pretrain_model(args.out / "model", seed=args.seed, resume=args.resume, **size),
+        "model": lambda: pretrain_model(
+            args.out / "model",
+            seed=args.seed,
+            resume=args.resume,
+            blocks=args.blocks and tuple(args.blocks),
+            t5_order_bias=args.t5_order_bias,
+            category_weights=_weights(args.category_weight),
+            **size,
+        ),
         "reward": lambda: build_reward.train_reward(args.out / "reward", seed=args.seed, **size),
     }
     for name in ["vae", "model", "reward"] if args.stage == "all" else [args.stage]:

@@ -18,7 +18,7 @@ pairings): the held-out set measures compositional generalisation, not unseen wo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -336,7 +336,11 @@ def mirror(spec: SceneSpec) -> SceneSpec:
 
 
 def sample_dataset(
-    n: int, seed: int, size: int = 32, prompts: Sequence[Prompt] | None = None
+    n: int,
+    seed: int,
+    size: int = 32,
+    prompts: Sequence[Prompt] | None = None,
+    category_weights: Mapping[str, float] | None = None,
 ) -> tuple[np.ndarray, list[Prompt]]:
     """Rendered (image, prompt) pairs for pretraining.
 
@@ -347,6 +351,7 @@ def sample_dataset(
         prompts: Prompts to draw from; the default is every prompt of the world (pretraining sees all pairings,
             as a base model would; only fine-tuning is kept off the held-out ones). Categories are drawn uniformly,
             then a prompt within the category, so the ~1200 position prompts do not swamp the rest.
+        category_weights: Relative weights of the categories (1 where not given); None draws them uniformly.
 
     Returns:
         ``uint8 [n, size, size, 3]`` images and their prompts.
@@ -361,10 +366,18 @@ def sample_dataset(
     categories = [c for c in CATEGORIES if pool.get(c)]
     if not categories:
         raise ValueError("sample_dataset: no prompts to draw from")
+    unknown = set(category_weights or {}) - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"sample_dataset: unknown categories {sorted(unknown)}; use some of {list(CATEGORIES)}")
+    weights = None
+    if category_weights is not None:
+        weights = np.array([float(category_weights.get(c, 1.0)) for c in categories])
+        weights /= weights.sum()
     chosen: list[Prompt] = []
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
-        group = pool[categories[int(rng.integers(len(categories)))]]
+        pick = int(rng.integers(len(categories))) if weights is None else int(rng.choice(len(categories), p=weights))
+        group = pool[categories[pick]]
         prompt = group[int(rng.integers(len(group)))]
         chosen.append(prompt)
         images[i] = render(prompt.spec, rng, size)

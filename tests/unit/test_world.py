@@ -89,6 +89,15 @@ def test_sample_dataset_restricted_to_given_prompts():
     assert set(prompts) <= set(split.finetune)
 
 
+def test_sample_dataset_category_weights_set_each_share():
+    _, uniform = sample_dataset(600, seed=3)
+    _, weighted = sample_dataset(600, seed=3, category_weights={"position": 5})
+    share = sum(p.category == "position" for p in weighted) / len(weighted)
+    assert abs(share - 0.5) < 0.06 and sum(p.category == "position" for p in uniform) < 0.25 * len(uniform)
+    with pytest.raises(ValueError, match="unknown categories"):
+        sample_dataset(4, seed=3, category_weights={"postion": 5})
+
+
 def test_make_prompts_is_deterministic_and_seed_dependent():
     assert make_prompts(5) == make_prompts(5)
     assert make_prompts(5).heldout_pairings != make_prompts(6).heldout_pairings
