@@ -279,13 +279,20 @@ def pretrain_model(
 
 
 def _weights(pairs: Sequence[str]) -> dict[str, float] | None:
+    """``--category-weight`` values, checked before any model is loaded."""
+    from engine.world.scenes import CATEGORIES
+
     weights = {}
     for pair in pairs:
-        name, _, value = pair.partition("=")
+        name, _, text = pair.partition("=")
         try:
-            weights[name] = float(value)
+            value = float(text)
         except ValueError:
-            raise SystemExit(f"--category-weight {pair!r}: expected CATEGORY=NUMBER, e.g. position=5") from None
+            value = 0.0
+        if name not in CATEGORIES or value <= 0:
+            raise SystemExit(f"--category-weight {pair!r}: expected CATEGORY=W with W > 0 and CATEGORY one of "
+                             f"{', '.join(CATEGORIES)}, e.g. position=5")  # fmt: skip
+        weights[name] = value
     return weights or None
 
 
@@ -311,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="model: draw CATEGORY's scenes W times as often as the others' (repeatable)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
+    weights = _weights(args.category_weight)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume=args.resume,
             blocks=args.blocks and tuple(args.blocks),
             t5_order_bias=args.t5_order_bias,
-            category_weights=_weights(args.category_weight),
+            category_weights=weights,
             **size,
         ),
         "reward": lambda: build_reward.train_reward(args.out / "reward", seed=args.seed, **size),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.world.scenes import all_prompts
+from engine.world.scenes import SHAPES, all_prompts
 from engine.world.training import T5_MAX_LENGTH, TEXT_DIM
 
 
@@ -52,8 +52,10 @@ def grow(transformer, double_blocks: int, single_blocks: int):
             f"{double_blocks}+{single_blocks} blocks: growing only adds blocks"
         )
     grown = world_transformer(double_blocks, single_blocks)
-    missing, unexpected = grown.load_state_dict(transformer.state_dict(), strict=False)
-    assert not unexpected, unexpected
+    _, unexpected = grown.load_state_dict(transformer.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"cannot grow this transformer: {len(unexpected)} weights fit no block of the world's, e.g. "
+                         f"{unexpected[0]}")  # fmt: skip
     with torch.no_grad():
         for block in grown.transformer_blocks[config.num_layers :]:
             for norm in (block.norm1, block.norm1_context):
@@ -96,14 +98,12 @@ def t5_word_order(text_encoder_2, tokenizer_2, seed: int = 0, steps: int = 1500)
     probe that reads, from a shape noun's feature alone, whether it names the first object or the second
     ("a red circle to the left of a blue square": circle first, square second). A transformer conditioned on
     these features can draw "A left of B" only if it can tell A from B; 0.5 is chance."""
-    from engine.world.scenes import SHAPES
-
     captions = [p.text for p in all_prompts()["position"]]
     ids = tokenizer_2(captions, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
                       return_tensors="pt").input_ids  # fmt: skip
     with torch.no_grad():
         features = text_encoder_2(ids)[0]
-    nouns = {shape for shape in SHAPES}
+    nouns = set(SHAPES)
     rows, labels = [], []
     for n, tokens in enumerate(tokenizer_2.convert_ids_to_tokens(row) for row in ids.tolist()):
         places = [i for i, token in enumerate(tokens) if token.strip("▁") in nouns]
